@@ -1,0 +1,28 @@
+"""koclip: Korean CLIP in JAX/Flax.
+
+    model, processor = koclip.load("koclip-base")
+    batch = processor(text=["이것은 고양이 이다"], images=[image])
+    zimg = model.encode_image(batch["pixel_values"])
+    ztxt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+"""
+
+from koclip.config import ModelConfig, TextConfig, VisionConfig
+from koclip.errors import CheckpointError, ImageError, KoclipError, OfflineError, UnknownModelError
+from koclip.loading import from_towers, load
+from koclip.model import KoCLIP
+from koclip.processing import DEFAULT_TEMPLATE, Processor, apply_template
+from koclip.registry import available_models
+
+
+def save(model: KoCLIP, directory):
+    """Writes `model` in koclip's own format (config.json + model.safetensors)."""
+    from koclip.formats.checkpoints import save as _save
+
+    return _save(model, directory)
+
+
+__all__ = [
+    "KoCLIP", "ModelConfig", "TextConfig", "VisionConfig", "Processor", "load", "from_towers", "save",
+    "available_models", "apply_template", "DEFAULT_TEMPLATE", "KoclipError", "CheckpointError",
+    "ImageError", "OfflineError", "UnknownModelError",
+]

@@ -1,0 +1,279 @@
+"""Model sizes as data.
+
+A koclip model is described by a `ModelConfig`: a text tower, an image tower,
+the projection size and how inputs are prepared.  The configs read and write the
+`config.json` layouts used by the published checkpoints (transformers'
+`hybrid-clip` and `vision-text-dual-encoder` model types), so a checkpoint's
+own config decides the architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from koclip.errors import CheckpointError
+
+TEXT_KINDS = ("bert", "roberta")
+VISION_KINDS = ("clip", "vit", "efficientnet")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """A BERT-family text encoder (BERT, RoBERTa, XLM-R style)."""
+
+    kind: str = "roberta"
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    hidden_act: str = "gelu"
+    # "pooler": dense + tanh on the first token (what KoCLIP used);
+    # "mean": mean over non-padding tokens; "cls": the first token's state.
+    pooling: str = "pooler"
+
+    def __post_init__(self):
+        if self.kind not in TEXT_KINDS:
+            raise CheckpointError(f"unknown text tower kind {self.kind!r}; valid: {', '.join(TEXT_KINDS)}")
+        if self.pooling not in ("pooler", "mean", "cls"):
+            raise CheckpointError(f"unknown text pooling {self.pooling!r}; valid: pooler, mean, cls")
+        if self.hidden_size % self.num_attention_heads:
+            raise CheckpointError(
+                f"text hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}")
+
+    @property
+    def output_dim(self) -> int:
+        return self.hidden_size
+
+    @classmethod
+    def from_hf(cls, d: dict) -> TextConfig:
+        """Reads a transformers `BertConfig`/`RobertaConfig`/`XLMRobertaConfig` dict."""
+        model_type = d.get("model_type", "bert")
+        kind = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}.get(model_type)
+        if kind is None:
+            raise CheckpointError(
+                f"text model_type {model_type!r} is not supported; valid: bert, roberta, xlm-roberta")
+        return cls(
+            kind=kind,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            intermediate_size=d["intermediate_size"],
+            max_position_embeddings=d.get("max_position_embeddings", 512),
+            type_vocab_size=d.get("type_vocab_size", 2),
+            layer_norm_eps=d.get("layer_norm_eps", 1e-12),
+            pad_token_id=d.get("pad_token_id", 0 if kind == "bert" else 1),
+            hidden_act=d.get("hidden_act", "gelu"),
+            pooling=d.get("koclip_pooling", "pooler"),
+        )
+
+    def to_hf(self) -> dict:
+        return {
+            "model_type": self.kind,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": self.type_vocab_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "pad_token_id": self.pad_token_id,
+            "hidden_act": self.hidden_act,
+            "koclip_pooling": self.pooling,
+        }
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """An image encoder: CLIP's ViT, Google's ViT, or a CNN named by `variant`."""
+
+    kind: str = "clip"
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    num_channels: int = 3
+    variant: str = ""  # for CNN towers, e.g. "lite0"
+
+    def __post_init__(self):
+        if self.kind not in VISION_KINDS:
+            raise CheckpointError(
+                f"unknown vision tower kind {self.kind!r}; valid: {', '.join(VISION_KINDS)}")
+        if self.kind != "efficientnet" and self.image_size % self.patch_size:
+            raise CheckpointError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+
+    @property
+    def output_dim(self) -> int:
+        if self.kind == "efficientnet":
+            from koclip.towers import efficientnet
+
+            return efficientnet.feature_dim(self.variant)
+        return self.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_hf(cls, d: dict) -> VisionConfig:
+        """Reads a transformers `CLIPVisionConfig`/`CLIPConfig`/`ViTConfig` dict."""
+        model_type = d.get("model_type")
+        if model_type == "clip":  # a full CLIPConfig: take its vision part
+            d = {**d.get("vision_config", {}), "model_type": "clip_vision_model"}
+            model_type = "clip_vision_model"
+        if model_type == "clip_vision_model":
+            return cls(
+                kind="clip",
+                image_size=d.get("image_size", 224),
+                patch_size=d.get("patch_size", 32),
+                hidden_size=d.get("hidden_size", 768),
+                num_hidden_layers=d.get("num_hidden_layers", 12),
+                num_attention_heads=d.get("num_attention_heads", 12),
+                intermediate_size=d.get("intermediate_size", 3072),
+                layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+                hidden_act=d.get("hidden_act", "quick_gelu"),
+                num_channels=d.get("num_channels", 3),
+            )
+        if model_type == "vit":
+            return cls(
+                kind="vit",
+                image_size=d.get("image_size", 224),
+                patch_size=d.get("patch_size", 16),
+                hidden_size=d.get("hidden_size", 768),
+                num_hidden_layers=d.get("num_hidden_layers", 12),
+                num_attention_heads=d.get("num_attention_heads", 12),
+                intermediate_size=d.get("intermediate_size", 3072),
+                layer_norm_eps=d.get("layer_norm_eps", 1e-12),
+                hidden_act=d.get("hidden_act", "gelu"),
+                num_channels=d.get("num_channels", 3),
+            )
+        if model_type == "efficientnet":
+            return cls(kind="efficientnet", image_size=d.get("image_size", 224), patch_size=1,
+                       variant=d.get("variant", "lite0"))
+        raise CheckpointError(
+            f"vision model_type {model_type!r} is not supported; "
+            "valid: clip_vision_model, clip, vit, efficientnet")
+
+    def to_hf(self) -> dict:
+        if self.kind == "efficientnet":
+            return {"model_type": "efficientnet", "image_size": self.image_size, "variant": self.variant}
+        return {
+            "model_type": "clip_vision_model" if self.kind == "clip" else "vit",
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "intermediate_size": self.intermediate_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "hidden_act": self.hidden_act,
+            "num_channels": self.num_channels,
+        }
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A two-tower model and how its inputs are prepared."""
+
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projection_dim: int = 512
+    logit_scale_init: float = math.log(1 / 0.07)
+    # "linear": bias-free projections (CLIP, KoCLIP).  "affine": projections
+    # with a bias, for heads fitted on centred features (koclip-mini).
+    head: str = "linear"
+    # Name of a preprocessing preset in koclip.images.PRESETS.
+    preprocess: str = "clip"
+    # Tokenizer: a hub id or a local path understood by transformers'
+    # AutoTokenizer, or "e5" for the tokenizer bundled with the mini model.
+    tokenizer: str = "klue/roberta-large"
+    max_length: int = 96
+    text_prefix: str = ""
+
+    def __post_init__(self):
+        if self.head not in ("linear", "affine"):
+            raise CheckpointError(f"unknown head {self.head!r}; valid: linear, affine")
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_hf(cls, d: dict, **overrides: Any) -> ModelConfig:
+        """Reads a `hybrid-clip`, `vision-text-dual-encoder` or koclip config.json dict."""
+        model_type = d.get("model_type")
+        if model_type not in ("hybrid-clip", "vision-text-dual-encoder", "koclip"):
+            raise CheckpointError(
+                f"model_type {model_type!r} is not a dual encoder; "
+                "valid: hybrid-clip, vision-text-dual-encoder, koclip")
+        try:
+            text = TextConfig.from_hf(d["text_config"])
+            vision = VisionConfig.from_hf(d["vision_config"])
+        except KeyError as e:
+            raise CheckpointError(f"config.json lacks the key {e.args[0]!r}") from None
+        kw = dict(
+            text=text,
+            vision=vision,
+            projection_dim=d.get("projection_dim", 512),
+            logit_scale_init=d.get("logit_scale_init_value", math.log(1 / 0.07)),
+        )
+        koclip = d.get("koclip", {})
+        for key in ("head", "preprocess", "tokenizer", "max_length", "text_prefix"):
+            if key in koclip:
+                kw[key] = koclip[key]
+        if "preprocess" not in koclip:
+            kw["preprocess"] = "vit" if vision.kind == "vit" else "clip"
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf(self) -> dict:
+        return {
+            "model_type": "koclip",
+            "projection_dim": self.projection_dim,
+            "logit_scale_init_value": self.logit_scale_init,
+            "text_config": self.text.to_hf(),
+            "vision_config": self.vision.to_hf(),
+            "koclip": {
+                "head": self.head,
+                "preprocess": self.preprocess,
+                "tokenizer": self.tokenizer,
+                "max_length": self.max_length,
+                "text_prefix": self.text_prefix,
+            },
+        }
+
+
+# Published architectures, and tiny variants for tests.
+ROBERTA_LARGE = TextConfig(kind="roberta", vocab_size=32000, hidden_size=1024, num_hidden_layers=24,
+                           num_attention_heads=16, intermediate_size=4096, max_position_embeddings=514,
+                           type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1)
+CLIP_VIT_B32 = VisionConfig(kind="clip", image_size=224, patch_size=32, hidden_size=768, num_hidden_layers=12,
+                            num_attention_heads=12, intermediate_size=3072, layer_norm_eps=1e-5,
+                            hidden_act="quick_gelu")
+VIT_L16 = VisionConfig(kind="vit", image_size=224, patch_size=16, hidden_size=1024, num_hidden_layers=24,
+                       num_attention_heads=16, intermediate_size=4096, layer_norm_eps=1e-12, hidden_act="gelu")
+
+KOCLIP_BASE = ModelConfig(text=ROBERTA_LARGE, vision=CLIP_VIT_B32, projection_dim=512, preprocess="clip")
+KOCLIP_LARGE = ModelConfig(text=ROBERTA_LARGE, vision=VIT_L16, projection_dim=512, preprocess="vit")
+
+TINY_TEXT = TextConfig(kind="roberta", vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37, max_position_embeddings=40, type_vocab_size=1, pad_token_id=1)
+TINY_CLIP = VisionConfig(kind="clip", image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, intermediate_size=37)
+TINY_VIT = VisionConfig(kind="vit", image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=37, layer_norm_eps=1e-12, hidden_act="gelu")
+TINY = ModelConfig(text=TINY_TEXT, vision=TINY_CLIP, projection_dim=16, max_length=16)

@@ -1,0 +1,257 @@
+"""Reading every supported checkpoint format into a KoCLIP model, and writing koclip's own.
+
+Formats, told apart by `config.json`'s `model_type`:
+
+1. `hybrid-clip`: KoCLIP's original Flax checkpoints (`flax_model.msgpack`).
+2. `vision-text-dual-encoder`: transformers' dual encoder (`model.safetensors`,
+   `pytorch_model.bin`, or `flax_model.msgpack`).
+3. Single pretrained towers (`roberta`, `bert`, `xlm-roberta`, `clip`,
+   `clip_vision_model`, `vit`), combined by `from_towers` with fresh projections.
+4. `koclip`: koclip's own `config.json` + `model.safetensors`, written by `save`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from koclip.config import ModelConfig, TextConfig, VisionConfig
+from koclip.errors import CheckpointError
+from koclip.formats import flax_msgpack, safetensors_io
+from koclip.formats.convert import assign, flat_params, param_shapes, rename, torch_to_flax_names
+from koclip.model import KoCLIP
+
+# Preference order when a directory holds several.
+WEIGHT_FILES = ("model.safetensors", "flax_model.msgpack", "pytorch_model.bin")
+INDEX_FILES = {"model.safetensors.index.json": "model.safetensors",
+               "pytorch_model.bin.index.json": "pytorch_model.bin"}
+
+# Tensors that checkpoints carry but the towers do not use.
+_DROP_ALWAYS = [r".*position_ids$", r".*\.num_batches_tracked$"]
+_TEXT_RULES = [(p, None) for p in _DROP_ALWAYS] + [
+    (r"^(lm_head|cls|classifier|qa_outputs)\.", None),
+    (r"^(roberta|bert|text_model|model)\.", ""),
+]
+_CLIP_RULES = [(p, None) for p in _DROP_ALWAYS] + [
+    (r"^(text_model|text_projection|visual_projection|logit_scale)", None),
+    (r"^vision_model\.vision_model\.", ""),
+    (r"^vision_model\.", ""),
+]
+_VIT_RULES = [(p, None) for p in _DROP_ALWAYS] + [
+    (r"^classifier\.", None),
+    (r"^(vit|vision_model)\.", ""),
+]
+
+
+def read_config(directory) -> dict:
+    path = Path(directory) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; a checkpoint directory needs a config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def find_weights(directory) -> Path:
+    d = Path(directory)
+    for name in WEIGHT_FILES:
+        if (d / name).is_file():
+            return d / name
+    for name in INDEX_FILES:
+        if (d / name).is_file():
+            return d / name
+    raise CheckpointError(f"{d}: no weights found; expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def read_tensors(path) -> tuple[Iterator[tuple[str, np.ndarray]], bool]:
+    """Returns (iterator of (name, array) with '.'-joined names, is_torch_layout)."""
+    path = Path(path)
+    if path.name in INDEX_FILES:
+        try:
+            index = json.loads(path.read_text())
+            shards = sorted(set(index["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{path}: not a valid shard index ({e})") from None
+
+        def chain():
+            for shard in shards:
+                yield from read_tensors(path.parent / shard)[0]
+
+        return chain(), True
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    if path.suffix == ".safetensors":
+        return safetensors_io.iter_tensors(path), True
+    if path.suffix == ".msgpack":
+        return flax_msgpack.flatten(flax_msgpack.read_tree(path)), False
+    if path.suffix in (".bin", ".pth", ".pt"):
+        from koclip.formats.torch_zip import read_torch_state_dict
+
+        sd = read_torch_state_dict(path)
+
+        def drain():
+            while sd:
+                name = next(iter(sd))
+                yield name, sd.pop(name)
+
+        return drain(), True
+    raise CheckpointError(f"{path}: unknown weight file type {path.suffix!r}; "
+                          "valid: .safetensors, .msgpack, .bin")
+
+
+def _split(items, prefix_rules: dict[str, str]):
+    """Routes names by prefix to per-part lists (kept lazy per item)."""
+    parts: dict[str, deque] = {k: deque() for k in prefix_rules}
+    for name, x in items:
+        for part, prefix in prefix_rules.items():
+            if name.startswith(prefix):
+                parts[part].append((name[len(prefix):], x))
+                break
+        else:
+            parts.setdefault("", deque()).append((name, x))
+    return parts
+
+
+def _tower_rules(cfg: TextConfig | VisionConfig):
+    if isinstance(cfg, TextConfig):
+        return _TEXT_RULES
+    return {"clip": _CLIP_RULES, "vit": _VIT_RULES}.get(cfg.kind, [(p, None) for p in _DROP_ALWAYS])
+
+
+def _to_targets(items, targets, torch_layout: bool, source: str, prefix: str = ""):
+    """Maps named tensors to model names under `prefix`, refusing what fits nowhere."""
+    if torch_layout:
+        for flax_name, x, src in torch_to_flax_names(items, targets):
+            if flax_name is None:
+                raise CheckpointError(f"{source}: tensor {src!r} with shape {tuple(x.shape)} "
+                                      "does not fit this model's config")
+            yield prefix + flax_name, x
+    else:
+        for name, x in items:
+            yield prefix + name, x
+
+
+def _sub_targets(shapes: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def _abstract(config: ModelConfig) -> KoCLIP:
+    return nnx.eval_shape(lambda: KoCLIP(config, rngs=nnx.Rngs(0)))
+
+
+def load_dual_encoder(directory, config: ModelConfig | None = None) -> KoCLIP:
+    """Formats 1, 2 and 4: a directory with config.json and the weights of both towers."""
+    directory = Path(directory)
+    raw = read_config(directory)
+    config = config or ModelConfig.from_hf(raw)
+    weights = find_weights(directory)
+    source = str(weights)
+    model = _abstract(config)
+    shapes = param_shapes(model)
+    items, torch_layout = read_tensors(weights)
+    if raw.get("model_type") == "koclip":
+        assign(model, items, source)
+        return model
+    parts = _split(items, {"text": "text_model.", "vision": "vision_model.",
+                           "text_projection": "text_projection.", "visual_projection": "visual_projection."})
+    rest = parts.pop("", deque())
+
+    def stream():
+        for part, cfg in (("text", config.text), ("vision", config.vision)):
+            prefix = f"{part}_model."
+            items_ = _drain(parts.pop(part))
+            if part == "vision" and config.vision.kind == "clip":
+                # Dual encoders nest CLIP's transformer one level deeper; the rules strip either form.
+                items_ = (("vision_model." + n, x) for n, x in items_)
+            renamed = rename(items_, _tower_rules(cfg))
+            yield from _to_targets(renamed, _sub_targets(shapes, prefix), torch_layout, source, prefix)
+        for part in ("text_projection", "visual_projection"):
+            yield from _to_targets(_drain(parts.pop(part)), _sub_targets(shapes, part + "."), torch_layout, source,
+                                   part + ".")
+        for name, x in _drain(rest):
+            if name == "logit_scale":
+                yield name, np.asarray(x, np.float32).reshape(())
+            elif not any(re.match(p, name) for p in _DROP_ALWAYS):
+                raise CheckpointError(f"{source}: unexpected tensor {name!r}")
+
+    assign(model, stream(), source)
+    return model
+
+
+def load_tower_into(model: KoCLIP, part: str, directory) -> None:
+    """Format 3: loads a pretrained single-tower checkpoint into `model.text_model` or `model.vision_model`.
+
+    `model` must hold real values already (its projections stay as initialised).
+    """
+    directory = Path(directory)
+    weights = find_weights(directory)
+    source = str(weights)
+    cfg = model.config.text if part == "text" else model.config.vision
+    tower = model.text_model if part == "text" else model.vision_model
+    shapes = param_shapes(tower)
+    items, torch_layout = read_tensors(weights)
+    renamed = rename(items, _tower_rules(cfg))
+    mapped = _to_targets(renamed, shapes, torch_layout, source)
+    # ViTForImageClassification checkpoints have no pooler: keep the initialised one.
+    assign(tower, mapped, source, allow_missing=lambda n: n.startswith("pooler."))
+
+
+def tower_config(directory) -> TextConfig | VisionConfig:
+    """The tower config of a single-tower checkpoint directory."""
+    raw = read_config(directory)
+    mt = raw.get("model_type")
+    if mt in ("bert", "roberta", "xlm-roberta"):
+        return TextConfig.from_hf(raw)
+    if mt in ("clip", "clip_vision_model", "vit"):
+        return VisionConfig.from_hf(raw)
+    raise CheckpointError(f"{Path(directory) / 'config.json'}: model_type {mt!r} is not a tower; "
+                          "valid: bert, roberta, xlm-roberta, clip, clip_vision_model, vit")
+
+
+def save(model: KoCLIP, directory) -> Path:
+    """Writes koclip's own format: config.json + model.safetensors, atomically.
+
+    The directory is filled under a temporary name and renamed into place, so a
+    crash never leaves a half-written checkpoint.  Returns the directory.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    os.chmod(tmp, 0o755)
+    try:
+        (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2, ensure_ascii=False))
+        arrays = ((k, np.asarray(jax.device_get(v))) for k, v in sorted(flat_params(model).items()))
+        safetensors_io.write(tmp / "model.safetensors", arrays, metadata={"format": "koclip"})
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
+            os.replace(directory, old / "x")
+            os.replace(tmp, directory)
+            _rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        _rmtree(tmp)
+        raise
+    return directory
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def _drain(items: deque):
+    """Yields and forgets items, so each array can be freed once the consumer is done with it."""
+    while items:
+        yield items.popleft()

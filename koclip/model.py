@@ -1,0 +1,111 @@
+"""The two-tower model: a text tower and an image tower projected into one space."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from koclip import towers
+from koclip.config import ModelConfig
+
+# How many times each jitted entry point was traced (= compiled): tests count these.
+TRACES: Counter = Counter()
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+def l2_normalize(x, eps: float = 1e-12):
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class KoCLIP(nnx.Module):
+    """A dual encoder.
+
+    `encode_image(pixel_values (n, H, W, 3) float32)` -> (n, projection_dim), L2-normalised.
+    `encode_text(input_ids (n, seq) int32, attention_mask (n, seq))` -> (n, projection_dim), L2-normalised.
+    `__call__(input_ids, attention_mask, pixel_values)` -> logits_per_image (n_images, n_texts),
+    scaled by exp(logit_scale).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.text_model = towers.build(config.text, rngs)
+        self.vision_model = towers.build(config.vision, rngs)
+        bias = config.head == "affine"
+        init = nnx.initializers.normal(0.02)
+        self.text_projection = nnx.Linear(config.text.output_dim, config.projection_dim, use_bias=bias,
+                                          kernel_init=init, rngs=rngs)
+        self.visual_projection = nnx.Linear(config.vision.output_dim, config.projection_dim, use_bias=bias,
+                                            kernel_init=init, rngs=rngs)
+        self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init, jnp.float32))
+
+    def image_features(self, pixel_values):
+        """Projected, unnormalised image features (n, projection_dim)."""
+        _, pooled = self.vision_model(pixel_values)
+        return self.visual_projection(pooled)
+
+    def text_features(self, input_ids, attention_mask):
+        """Projected, unnormalised text features (n, projection_dim)."""
+        _, pooled = self.text_model(input_ids, attention_mask)
+        return self.text_projection(pooled)
+
+    def encode_image(self, pixel_values):
+        """(n, H, W, 3) pixels -> (n, projection_dim) L2-normalised embeddings.
+
+        Called with concrete arrays, runs a compiled function with the batch padded
+        to a bucket size; inside a trace (training), runs inline.
+        """
+        if isinstance(pixel_values, jax.core.Tracer):
+            return l2_normalize(self.image_features(pixel_values).astype(jnp.float32))
+        return _bucketed(_encode_image_jit, self, pixel_values)
+
+    def encode_text(self, input_ids, attention_mask):
+        """(n, L) token ids and mask -> (n, projection_dim) L2-normalised embeddings."""
+        if isinstance(input_ids, jax.core.Tracer):
+            return l2_normalize(self.text_features(input_ids, attention_mask).astype(jnp.float32))
+        return _bucketed(_encode_text_jit, self, input_ids, attention_mask)
+
+    def __call__(self, input_ids, attention_mask, pixel_values):
+        zimg = self.encode_image(pixel_values)
+        ztxt = self.encode_text(input_ids, attention_mask)
+        return jnp.exp(self.logit_scale[...]) * zimg @ ztxt.T
+
+
+def _pad_rows(x, n: int):
+    x = np.asarray(x)
+    if x.shape[0] == n:
+        return x
+    pad = np.zeros((n - x.shape[0], *x.shape[1:]), x.dtype)
+    return np.concatenate([x, pad])
+
+
+def _bucketed(fn, model, *arrays):
+    """Runs `fn(model, *arrays)` in chunks whose row counts are bucket sizes."""
+    from koclip.processing import bucket
+
+    n = np.shape(arrays[0])[0]
+    if n == 0:
+        return jnp.zeros((0, model.config.projection_dim), jnp.float32)
+    top = BATCH_BUCKETS[-1]
+    outs = []
+    for start in range(0, n, top):
+        chunk = [np.asarray(a)[start:start + top] for a in arrays]
+        m = chunk[0].shape[0]
+        b = bucket(m, BATCH_BUCKETS)
+        outs.append(fn(model, *(_pad_rows(c, b) for c in chunk))[:m])
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
+
+
+@nnx.jit
+def _encode_image_jit(model: KoCLIP, pixel_values):
+    TRACES["encode_image"] += 1
+    return l2_normalize(model.image_features(pixel_values).astype(jnp.float32))
+
+
+@nnx.jit
+def _encode_text_jit(model: KoCLIP, input_ids, attention_mask):
+    TRACES["encode_text"] += 1
+    return l2_normalize(model.text_features(input_ids, attention_mask).astype(jnp.float32))

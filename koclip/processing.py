@@ -1,0 +1,156 @@
+"""Turning text and images into model inputs.
+
+Token lengths are padded to a few fixed buckets: every new input shape costs
+a JIT compile, so a session with labels of any length compiles a handful of
+times, not once per length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from koclip.errors import CheckpointError, KoclipError
+
+DEFAULT_TEMPLATE = "이것은 {} 이다"
+# Templates for prompt ensembling: averaged label embeddings are more robust than any single one.
+KOREAN_TEMPLATES = (
+    "이것은 {} 이다",
+    "{}의 사진",
+    "{} 사진",
+    "{}이(가) 있는 사진",
+    "{}의 이미지",
+    "이것은 {}의 사진이다",
+)
+ENGLISH_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "this is a {}.")
+LENGTH_BUCKETS = (8, 16, 32, 64, 96, 128, 256, 512)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= n; beyond the largest, the next multiple of it."""
+    for b in buckets:
+        if n <= b:
+            return b
+    top = buckets[-1]
+    return -(-n // top) * top
+
+
+def apply_template(labels: Sequence[str], template: str | None = DEFAULT_TEMPLATE) -> list[str]:
+    """Puts each label into `template` ('{}' marks the label); None or '' leaves labels as they are."""
+    if not template:
+        return list(labels)
+    if "{}" not in template:
+        raise KoclipError(f"prompt template {template!r} has no '{{}}' where the label goes")
+    return [template.replace("{}", label) for label in labels]
+
+
+def clean_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Strips labels and drops blanks and duplicates (keeping the first).
+
+    Returns (kept, dropped) so a caller can tell the user what was dropped.
+    """
+    kept, dropped, seen = [], [], set()
+    for raw in labels:
+        label = " ".join(str(raw).split())
+        if not label or label in seen:
+            dropped.append(raw)
+            continue
+        seen.add(label)
+        kept.append(label)
+    return kept, dropped
+
+
+def load_tokenizer(name: str, directory: Path | None = None):
+    """A transformers tokenizer: from `directory` when it holds tokenizer files, else `name`
+    (a hub id resolved through koclip.hub, a local path, or "e5" for the bundled e5 tokenizer)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if directory is not None and (Path(directory) / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(Path(directory) / "tokenizer.json"),
+                                       **_special_tokens(Path(directory)))
+    if name == "e5":
+        from koclip.mini.e5 import e5_tokenizer
+
+        return e5_tokenizer()
+    from koclip import hub
+
+    local = hub.resolve(name, weights=False, label=f"tokenizer {name}")
+    try:
+        return AutoTokenizer.from_pretrained(str(local))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{local}: cannot load tokenizer: {e}") from None
+
+
+def _special_tokens(directory: Path) -> dict:
+    import json
+
+    cfg = directory / "tokenizer_config.json"
+    if not cfg.is_file():
+        return {}
+    d = json.loads(cfg.read_text())
+    keys = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+            "model_max_length")
+    return {k: d[k] for k in keys if isinstance(d.get(k), (str, int))}
+
+
+class Processor:
+    """Prepares model inputs.
+
+    `processor(text=[...], images=[...])` returns a dict with `input_ids` and
+    `attention_mask` (n_texts, L) int32, L a length bucket, and `pixel_values`
+    (n_images, size, size, 3) float32, NHWC.
+    """
+
+    def __init__(self, tokenizer, image_spec, *, max_length: int = 96, text_prefix: str = ""):
+        self.tokenizer = tokenizer
+        self.image_spec = image_spec
+        self.max_length = max_length
+        self.text_prefix = text_prefix
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = [self.text_prefix + t for t in texts]
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)
+        longest = max((len(ids) for ids in enc["input_ids"]), default=1)
+        length = min(bucket(longest, LENGTH_BUCKETS), max(self.max_length, longest))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = np.full((len(texts), length), pad, np.int32)
+        mask = np.zeros((len(texts), length), np.int32)
+        for i, row in enumerate(enc["input_ids"]):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def preprocess_images(self, images) -> np.ndarray:
+        from koclip.images import open_image, preprocess
+
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return preprocess([open_image(im) for im in images], self.image_spec)
+
+    def __call__(self, text=None, images=None) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if text is not None:
+            out.update(self.tokenize(text))
+        if images is not None:
+            out["pixel_values"] = self.preprocess_images(images)
+        return out
+
+
+def image_spec_for(config):
+    """The preprocessing preset named by a ModelConfig, sized to its image tower."""
+    from koclip.images import PRESETS
+
+    try:
+        spec = PRESETS[config.preprocess]
+    except KeyError:
+        raise CheckpointError(f"unknown preprocessing {config.preprocess!r}; "
+                              f"valid: {', '.join(PRESETS)}") from None
+    if spec.size != config.vision.image_size:
+        spec = dataclasses.replace(spec, size=config.vision.image_size)
+    return spec

@@ -1,0 +1,35 @@
+"""Tower modules: one file per architecture, each with `Model(config, *, rngs)`.
+
+Text towers return (hidden, pooled) from `(input_ids, attention_mask)`; image
+towers return (hidden, pooled) from NHWC `pixel_values`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from flax import nnx
+
+from koclip.config import TextConfig, VisionConfig
+
+_MODULES = {
+    "bert": "koclip.towers.bert",
+    "roberta": "koclip.towers.bert",
+    "clip": "koclip.towers.clip_vision",
+    "vit": "koclip.towers.vit",
+    "efficientnet": "koclip.towers.efficientnet",
+}
+
+
+def module(kind: str):
+    try:
+        return importlib.import_module(_MODULES[kind])
+    except KeyError:
+        raise ValueError(f"unknown tower kind {kind!r}; valid: {', '.join(_MODULES)}") from None
+
+
+def build(cfg: TextConfig | VisionConfig, rngs: nnx.Rngs) -> nnx.Module:
+    m = module(cfg.kind)
+    if cfg.kind == "efficientnet":
+        return m.Model(m.config_for(cfg.variant), rngs=rngs)
+    return m.Model(cfg, rngs=rngs)
