@@ -1,0 +1,5 @@
+import sys
+
+from koclip.cli import main
+
+sys.exit(main())

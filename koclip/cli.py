@@ -1,0 +1,93 @@
+"""The `koclip` command.
+
+    koclip models                         list the registry
+    koclip classify IMAGE LABEL...        zero-shot classification of one image
+    koclip index build|merge|search ...   image-embedding indexes
+    koclip train --config configs/NAME.py training (koclip.train)
+    koclip eval zeroshot|retrieval ...    evaluation
+
+Subcommands live beside what they drive; each module exposes `register(subparsers)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from koclip.errors import KoclipError
+
+# Modules that add subcommands; missing optional ones are skipped.
+_SUBCOMMAND_MODULES = ("koclip.index_cli", "koclip.train.cli", "koclip.evaluation.cli")
+
+
+def _models(args) -> int:
+    from koclip import registry
+
+    for name in registry.available_models():
+        p = registry.get(name)
+        where = "offline" if p.offline else p.source
+        print(f"{name:16s} {where:24s} {p.description}")
+    return 0
+
+
+def _classify(args) -> int:
+    import numpy as np
+
+    import koclip
+    from koclip.images import open_image
+
+    model, processor = koclip.load(args.model)
+    labels, dropped = koclip.processing.clean_labels(args.labels)
+    if len(labels) < 2:
+        raise KoclipError("give at least two distinct, non-empty labels")
+    batch = processor(text=koclip.apply_template(labels, args.template), images=[open_image(args.image)])
+    zimg = np.asarray(model.encode_image(batch["pixel_values"]))
+    ztxt = np.asarray(model.encode_text(batch["input_ids"], batch["attention_mask"]))
+    logits = 100.0 * zimg @ ztxt.T
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    for i in np.argsort(-probs[0]):
+        print(f"{probs[0, i] * 100:6.2f}%  {labels[i]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="koclip", description="Korean CLIP in JAX/Flax")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("models", help="list the named models")
+    p.set_defaults(func=_models)
+    p = sub.add_parser("classify", help="rank labels for one image")
+    p.add_argument("image")
+    p.add_argument("labels", nargs="+")
+    p.add_argument("--model", default="koclip-mini")
+    p.add_argument("--template", default="이것은 {} 이다", help="prompt template ('' for none)")
+    p.set_defaults(func=_classify)
+    for name in _SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except KoclipError as e:
+        print(f"koclip: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("koclip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

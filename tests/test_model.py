@@ -1,0 +1,98 @@
+"""The dual encoder's contract: normalised embeddings, scaled logits, few compilations."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from koclip import model as model_lib
+from koclip.config import TINY
+from koclip.model import KoCLIP
+from koclip.processing import Processor, apply_template, bucket, clean_labels
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return KoCLIP(TINY, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer():
+    """A character-level tokenizer over Hangul syllables and ASCII: real, tiny, offline."""
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for ch in "abcdefghijklmnopqrstuvwxyz이것은고양강아지다의사진{} ":
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+def test_embeddings_are_unit_length(tiny):
+    z = np.asarray(tiny.encode_image(np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)))
+    assert z.shape == (3, 16)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+
+
+def test_padded_batch_gives_same_rows_as_unpadded(tiny):
+    px = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype(np.float32)
+    together = np.asarray(tiny.encode_image(px))
+    alone = np.concatenate([np.asarray(tiny.encode_image(px[i:i + 1])) for i in range(3)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_padding_tokens_do_not_change_text_embedding(tiny):
+    ids = np.array([[0, 5, 6, 7, 2, 1, 1, 1]], np.int32)
+    mask = (ids != 1).astype(np.int32)
+    short = np.asarray(tiny.encode_text(ids[:, :5], mask[:, :5]))
+    long = np.asarray(tiny.encode_text(ids, mask))
+    np.testing.assert_allclose(short, long, atol=1e-5)
+
+
+def test_logits_are_scaled_cosines(tiny):
+    ids = np.array([[0, 5, 2], [0, 6, 2]], np.int32)
+    mask = np.ones_like(ids)
+    px = np.zeros((1, 32, 32, 3), np.float32)
+    logits = np.asarray(tiny(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(px)))
+    zimg = np.asarray(tiny.encode_image(px))
+    ztxt = np.asarray(tiny.encode_text(ids, mask))
+    np.testing.assert_allclose(logits, np.exp(TINY.logit_scale_init) * zimg @ ztxt.T, rtol=1e-4)
+
+
+def test_sessions_of_1_to_20_labels_compile_a_handful_of_times(tiny, char_tokenizer):
+    processor = Processor(char_tokenizer, None, max_length=TINY.max_length)
+    rng = np.random.default_rng(0)
+    words = ["고양이", "강아지", "cat", "a dog", "사진", "abcdefghij"]
+    before = model_lib.TRACES["encode_text"]
+    for n in range(1, 21):
+        labels = [" ".join(rng.choice(words, size=rng.integers(1, 4))) + str(i) for i in range(n)]
+        batch = processor.tokenize(apply_template(labels, "이것은 {} 이다"))
+        z = np.asarray(tiny.encode_text(batch["input_ids"], batch["attention_mask"]))
+        assert z.shape == (n, 16)
+    compiles = model_lib.TRACES["encode_text"] - before
+    # 6 batch buckets (1..32) times at most 2 length buckets (16 and the max length).
+    assert compiles <= 8, compiles
+
+
+def test_bucket_rounds_up_and_extends_past_the_top():
+    assert [bucket(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8, 9, 17)] == [1, 2, 4, 8, 8, 16, 24]
+
+
+def test_clean_labels_drops_blanks_and_duplicates():
+    kept, dropped = clean_labels(["고양이", " ", "강아지", "고양이 ", "", "  새  "])
+    assert kept == ["고양이", "강아지", "새"]
+    assert len(dropped) == 3
+
+
+def test_template_needs_a_placeholder():
+    from koclip.errors import KoclipError
+
+    assert apply_template(["개"], "{}의 사진") == ["개의 사진"]
+    with pytest.raises(KoclipError, match="no '\\{\\}'"):
+        apply_template(["개"], "사진")
