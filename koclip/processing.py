@@ -8,6 +8,7 @@ times, not once per length.
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -114,7 +115,8 @@ class Processor:
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         if isinstance(texts, str):
             texts = [texts]
-        texts = [self.text_prefix + t for t in texts]
+        # NFC first: decomposed Hangul (as macOS writes it) would otherwise tokenize as jamo.
+        texts = [self.text_prefix + unicodedata.normalize("NFC", t) for t in texts]
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)
         longest = max((len(ids) for ids in enc["input_ids"]), default=1)
         length = min(bucket(longest, LENGTH_BUCKETS), max(self.max_length, longest))

@@ -96,3 +96,12 @@ def test_template_needs_a_placeholder():
     assert apply_template(["개"], "{}의 사진") == ["개의 사진"]
     with pytest.raises(KoclipError, match="no '\\{\\}'"):
         apply_template(["개"], "사진")
+
+
+def test_decomposed_hangul_tokenizes_like_composed(char_tokenizer):
+    import unicodedata
+
+    processor = Processor(char_tokenizer, None, max_length=16)
+    composed = processor.tokenize(["고양이"])["input_ids"]
+    decomposed = processor.tokenize([unicodedata.normalize("NFD", "고양이")])["input_ids"]
+    np.testing.assert_array_equal(composed, decomposed)
