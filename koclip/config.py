@@ -38,12 +38,19 @@ class TextConfig:
     # "pooler": dense + tanh on the first token (what KoCLIP used);
     # "mean": mean over non-padding tokens; "cls": the first token's state.
     pooling: str = "pooler"
+    # Token positions: "padding" counts from pad_token_id + 1 over non-padding tokens (RoBERTa),
+    # "arange" numbers 0..L-1 (BERT).  "" picks by kind.
+    positions: str = ""
 
     def __post_init__(self):
         if self.kind not in TEXT_KINDS:
             raise CheckpointError(f"unknown text tower kind {self.kind!r}; valid: {', '.join(TEXT_KINDS)}")
         if self.pooling not in ("pooler", "mean", "cls"):
             raise CheckpointError(f"unknown text pooling {self.pooling!r}; valid: pooler, mean, cls")
+        if not self.positions:
+            object.__setattr__(self, "positions", "padding" if self.kind == "roberta" else "arange")
+        if self.positions not in ("padding", "arange"):
+            raise CheckpointError(f"unknown text positions {self.positions!r}; valid: padding, arange")
         if self.hidden_size % self.num_attention_heads:
             raise CheckpointError(
                 f"text hidden_size {self.hidden_size} is not divisible by "
@@ -74,6 +81,7 @@ class TextConfig:
             pad_token_id=d.get("pad_token_id", 0 if kind == "bert" else 1),
             hidden_act=d.get("hidden_act", "gelu"),
             pooling=d.get("koclip_pooling", "pooler"),
+            positions=d.get("koclip_positions", ""),
         )
 
     def to_hf(self) -> dict:
@@ -90,6 +98,7 @@ class TextConfig:
             "pad_token_id": self.pad_token_id,
             "hidden_act": self.hidden_act,
             "koclip_pooling": self.pooling,
+            "koclip_positions": self.positions,
         }
 
 
@@ -225,6 +234,10 @@ class ModelConfig:
             vision = VisionConfig.from_hf(d["vision_config"])
         except KeyError as e:
             raise CheckpointError(f"config.json lacks the key {e.args[0]!r}") from None
+        if model_type == "hybrid-clip" and "koclip_positions" not in d["text_config"]:
+            # hybrid-clip's Flax code passed positions 0..L-1 to every text tower, RoBERTa included,
+            # and KoCLIP was trained and run that way.
+            text = dataclasses.replace(text, positions="arange")
         kw = dict(
             text=text,
             vision=vision,

@@ -102,8 +102,9 @@ class Pooler(nnx.Module):
 
 
 def position_ids(input_ids, cfg: TextConfig):
-    """RoBERTa counts positions from padding_idx + 1 over non-padding tokens; BERT from 0."""
-    if cfg.kind == "roberta":
+    """RoBERTa counts positions from padding_idx + 1 over non-padding tokens; BERT (and KoCLIP's
+    hybrid-clip RoBERTa) from 0: `cfg.positions` says which."""
+    if cfg.positions == "padding":
         mask = (input_ids != cfg.pad_token_id).astype(jnp.int32)
         return jnp.cumsum(mask, axis=1) * mask + cfg.pad_token_id
     return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
