@@ -1,0 +1,162 @@
+"""Damaged and mismatched checkpoints fail with a CheckpointError that says what is wrong, and
+hub ids resolve through huggingface_hub's cache or fail fast offline.
+
+Each test damages a copy of a committed fixture from tests/fixtures/parity
+(written by scripts/make_parity_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+
+import numpy as np
+import pytest
+
+import koclip
+from koclip.errors import CheckpointError, KoclipError, OfflineError, UnknownModelError
+from koclip.formats import safetensors_io
+
+
+def truncate(path, fraction: float = 0.6) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def edit_config(directory, change) -> None:
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
+def test_truncated_msgpack_is_reported_as_truncated(parity_copy):
+    d = parity_copy("hybrid_clip_clip")
+    truncate(d / "flax_model.msgpack")
+    with pytest.raises(CheckpointError, match=r"flax_model\.msgpack.*truncated"):
+        koclip.load(str(d))
+
+
+def test_truncated_safetensors_is_reported_as_truncated(parity_copy):
+    d = parity_copy("dual_clip_safetensors")
+    truncate(d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
+        koclip.load(str(d))
+
+
+def test_truncated_pytorch_bin_is_a_checkpoint_error(parity_copy):
+    d = parity_copy("dual_clip_bin")
+    truncate(d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*truncated"):
+        koclip.load(str(d))
+
+
+def test_msgpack_shape_mismatch_names_file_tensor_and_both_shapes(parity_copy):
+    d = parity_copy("hybrid_clip_clip")
+    edit_config(d, lambda c: c["text_config"].update(vocab_size=98))
+    with pytest.raises(CheckpointError) as e:
+        koclip.load(str(d))
+    msg = str(e.value)
+    assert "flax_model.msgpack" in msg
+    assert "text_model.embeddings.word_embeddings.embedding" in msg
+    assert "(99, 32)" in msg and "(98, 32)" in msg
+
+
+def test_safetensors_shape_mismatch_names_tensor_and_both_shapes(parity_copy):
+    d = parity_copy("dual_vit_safetensors")
+    edit_config(d, lambda c: c["vision_config"].update(intermediate_size=40))
+    with pytest.raises(CheckpointError) as e:
+        koclip.load(str(d))
+    msg = str(e.value)
+    assert "model.safetensors" in msg and "vision_model.encoder.layer.0.intermediate.dense." in msg
+    # The bias or the kernel, whichever the file holds first; the kernel in Flax layout (in, out).
+    assert ("(37,)" in msg and "(40,)" in msg) or ("(32, 37)" in msg and "(32, 40)" in msg)
+
+
+def test_missing_config_json_is_named(parity_copy):
+    d = parity_copy("dual_clip_safetensors")
+    (d / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json.*missing"):
+        koclip.load(str(d))
+
+
+def test_corrupt_config_json_is_a_checkpoint_error(parity_copy):
+    d = parity_copy("dual_clip_safetensors")
+    (d / "config.json").write_text('{"model_type": "vision-text-dual-encoder", ')
+    with pytest.raises(CheckpointError, match=r"config\.json.*not valid JSON"):
+        koclip.load(str(d))
+
+
+def test_unknown_model_type_lists_the_valid_ones(parity_copy):
+    d = parity_copy("dual_clip_safetensors")
+    edit_config(d, lambda c: c.update(model_type="clip-but-different"))
+    with pytest.raises(CheckpointError) as e:
+        koclip.load(str(d))
+    msg = str(e.value)
+    assert "clip-but-different" in msg
+    for valid in ("hybrid-clip", "vision-text-dual-encoder", "koclip"):
+        assert valid in msg
+
+
+def test_unknown_registry_name_lists_the_valid_names():
+    with pytest.raises(UnknownModelError) as e:
+        koclip.load("nope")
+    assert isinstance(e.value, KoclipError)
+    for name in koclip.available_models():
+        assert name in str(e.value)
+
+
+def test_missing_tensor_is_named(parity_copy):
+    d = parity_copy("dual_clip_safetensors")
+    path = d / "model.safetensors"
+    tensors = [(n, x) for n, x in safetensors_io.iter_tensors(path) if n != "text_model.pooler.dense.weight"]
+    safetensors_io.write(path, tensors)
+    with pytest.raises(CheckpointError, match=r"missing 1 tensor.*text_model\.pooler\.dense\.kernel"):
+        koclip.load(str(d))
+
+
+def test_unexpected_tensor_is_named(parity_copy):
+    d = parity_copy("dual_clip_safetensors")
+    path = d / "model.safetensors"
+    tensors = list(safetensors_io.iter_tensors(path)) + [("text_model.extra_head.weight", np.zeros((2, 2), np.float32))]
+    safetensors_io.write(path, tensors)
+    with pytest.raises(CheckpointError, match=r"extra_head"):
+        koclip.load(str(d))
+
+
+def test_hub_id_loads_from_the_cache_when_offline(hf_cache, parity_fixture, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    snapshot = hf_cache.put("owner/tiny-koclip", parity_fixture("hybrid_clip_clip"))
+    model, processor = koclip.load("owner/tiny-koclip")
+    assert model.load_info.path == str(snapshot)
+    with np.load(snapshot / "golden.npz") as g:
+        assert np.abs(np.asarray(model.encode_image(g["pixel_values"])) - g["image_embeds"]).max() <= 1e-4
+        batch = processor(text=[str(t) for t in g["texts"]])
+        assert np.abs(np.asarray(model.encode_text(batch["input_ids"], batch["attention_mask"]))
+                      - g["text_embeds"]).max() <= 1e-4
+
+
+def closed_port() -> int:
+    """A loopback port that nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_uncached_hub_id_with_unreachable_hub_raises_offline_error_quickly(hf_cache, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    t0 = time.monotonic()
+    with pytest.raises(OfflineError) as e:
+        koclip.load("owner/not-cached")
+    assert time.monotonic() - t0 < 10
+    assert "owner/not-cached" in str(e.value)
+    assert re.search(r"koclip-mini", str(e.value))
