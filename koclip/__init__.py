@@ -14,11 +14,12 @@ from koclip.processing import DEFAULT_TEMPLATE, Processor, apply_template
 from koclip.registry import available_models
 
 
-def save(model: KoCLIP, directory):
-    """Writes `model` in koclip's own format (config.json + model.safetensors)."""
+def save(model: KoCLIP, directory, processor: Processor | None = None):
+    """Writes `model` in koclip's own format (config.json + model.safetensors),
+    with the processor's tokenizer files when `processor` is given."""
     from koclip.formats.checkpoints import save as _save
 
-    return _save(model, directory)
+    return _save(model, directory, tokenizer=processor.tokenizer if processor is not None else None)
 
 
 __all__ = [

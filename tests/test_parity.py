@@ -156,12 +156,14 @@ def _assert_same_params(a: koclip.KoCLIP, b: koclip.KoCLIP):
 
 
 def test_koclip_format_round_trips_bit_exactly(tmp_path):
-    model, _ = loaded("hybrid_clip_vit")
-    out = koclip.save(model, tmp_path / "saved")
-    write_tokenizer(out)
-    again, _ = koclip.load(str(out))
+    model, processor = loaded("hybrid_clip_vit")
+    out = koclip.save(model, tmp_path / "saved", processor)
+    again, again_processor = koclip.load(str(out))
     assert again.config == model.config
     _assert_same_params(model, again)
+    texts = ["이것은 고양이 이다", "a dog"]
+    np.testing.assert_array_equal(again_processor.tokenize(texts)["input_ids"],
+                                  processor.tokenize(texts)["input_ids"])
 
 
 def test_koclip_format_round_trips_a_bert_model_made_from_towers(tmp_path):

@@ -218,11 +218,13 @@ def tower_config(directory) -> TextConfig | VisionConfig:
                           "valid: bert, roberta, xlm-roberta, clip, clip_vision_model, vit")
 
 
-def save(model: KoCLIP, directory) -> Path:
+def save(model: KoCLIP, directory, tokenizer=None) -> Path:
     """Writes koclip's own format: config.json + model.safetensors, atomically.
 
-    The directory is filled under a temporary name and renamed into place, so a
-    crash never leaves a half-written checkpoint.  Returns the directory.
+    With `tokenizer` (a transformers tokenizer, e.g. `processor.tokenizer`), its
+    files are saved too, so the directory loads with no hub.  The directory is
+    filled under a temporary name and renamed into place, so a crash never
+    leaves a half-written checkpoint.  Returns the directory.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -232,6 +234,8 @@ def save(model: KoCLIP, directory) -> Path:
         (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2, ensure_ascii=False))
         arrays = ((k, np.asarray(jax.device_get(v))) for k, v in sorted(flat_params(model).items()))
         safetensors_io.write(tmp / "model.safetensors", arrays, metadata={"format": "koclip"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         if directory.exists():
             old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
             os.replace(directory, old / "x")
