@@ -1,0 +1,167 @@
+"""`koclip index ...`: build, add to, merge, inspect and search image-embedding indexes.
+
+    koclip index build --model NAME --images DIR --out PATH [--shard i/n] [--batch-size N]
+                       [--dtype float16|float32] [--workers N] [--faiss auto|yes|no] [--no-progress]
+    koclip index add --model NAME INDEX PATH...      add image files or folders
+    koclip index merge OUT PART...                   join shards built by the same model
+    koclip index info INDEX                          model, counts, files
+    koclip index search INDEX TEXT... [-k 10] [--backend auto|exact|faiss]
+
+The model NAME is resolved with `koclip.load_embedder`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from koclip import index as kidx
+from koclip.errors import IndexFileError
+
+
+def _embedder(name: str):
+    from koclip import load_embedder  # lazy: loading a model pulls in JAX
+
+    return load_embedder(name)
+
+
+def _print_report(report: kidx.BuildReport, limit: int = 20) -> None:
+    r = report
+    print(f"{r.out_path}: {r.count} images in the index; {r.indexed} written by this run, "
+          f"{r.resumed} resumed from an interrupted run, in {r.seconds:.1f} s")
+    if r.embedded:
+        # Below ~85% busy on a long run, decoding images is the bottleneck, not the model.
+        slow_loading = r.model_busy < 0.85 and r.embedded >= 1000
+        print(f"embedded {r.embedded} images at {r.images_per_second:.1f} img/s; the model was busy "
+              f"{100 * r.model_busy:.0f}% of the time"
+              + (" (image loading held it back: try more --workers)" if slow_loading else ""))
+    if r.skipped:
+        print(f"{len(r.skipped)} unreadable images skipped:")
+        for path, reason in r.skipped[:limit]:
+            print(f"  {path}: {reason}")
+        if len(r.skipped) > limit:
+            print(f"  ... and {len(r.skipped) - limit} more")
+    if r.duplicates:
+        print(f"{len(r.duplicates)} duplicates (same bytes as an indexed file) not stored again")
+        for path, kept in r.duplicates[:limit]:
+            print(f"  {path} = {kept}")
+        if len(r.duplicates) > limit:
+            print(f"  ... and {len(r.duplicates) - limit} more")
+
+
+_FAISS = {"auto": "auto", "yes": True, "no": False}
+
+
+def _shard(text: str):
+    try:
+        return kidx.parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"needs a positive integer, got {text!r}")
+    return int(text)
+
+
+def _build(args) -> int:
+    report = kidx.build_index(
+        _embedder(args.model), args.images, args.out, batch_size=args.batch_size, shard=args.shard,
+        progress=not args.no_progress, num_workers=args.workers, dtype=args.dtype, faiss=_FAISS[args.faiss])
+    _print_report(report)
+    return 0
+
+
+def _add(args) -> int:
+    report = kidx.add_images(args.index, _embedder(args.model), args.paths, batch_size=args.batch_size,
+                             progress=not args.no_progress, num_workers=args.workers)
+    _print_report(report)
+    return 0
+
+
+def _merge(args) -> int:
+    report = kidx.merge_indexes(args.parts, args.out, dtype=args.dtype, faiss=_FAISS[args.faiss])
+    _print_report(report)
+    return 0
+
+
+def _info(args) -> int:
+    index = kidx.load_index(args.index)
+    meta = dict(index.meta)
+    print(json.dumps({k: meta[k] for k in ("model", "fingerprint", "dim", "dtype", "count", "created",
+                                           "updated", "images_root", "ivf") if k in meta},
+                     indent=1, ensure_ascii=False))
+    return 0
+
+
+def _search(args) -> int:
+    import koclip
+
+    index = kidx.load_index(args.index)
+    name = args.model or index.model
+    if name != index.model:
+        raise IndexFileError(f"index {args.index} was built with model {index.model!r}, not {name!r}; "
+                             f"search it with --model {index.model}")
+    embedder = koclip.load_embedder(name)
+    if embedder.fingerprint != index.fingerprint:
+        raise IndexFileError(f"index {args.index} was built with a different configuration of {name!r} "
+                             f"(fingerprint {index.fingerprint}, loaded {embedder.fingerprint}); rebuild it")
+    ztxt = embedder.encode_texts(list(args.text))
+    for text, hits in zip(args.text, index.search(ztxt, k=args.k, backend=args.backend)):
+        print(f"# {text}")
+        for h in hits:
+            print(f"{h.rank:3d}  {h.score:.4f}  {index.full_path(h.path)}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `index` and its subcommands to the `koclip` command's subparsers."""
+    # faiss logs at INFO which SIMD library it tried to load; not news for a CLI user.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    p = subparsers.add_parser("index", help="image-embedding indexes for text-to-image search")
+    sub = p.add_subparsers(dest="index_command", required=True)
+
+    def common(q, *, workers=True):
+        q.add_argument("--batch-size", type=_positive, default=32, help="images per model call (default 32)")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if workers:
+            q.add_argument("--workers", type=_positive, default=2, help="image decoding threads (default 2)")
+
+    q = sub.add_parser("build", help="embed every image in a folder (resumable)")
+    q.add_argument("--model", required=True, help="model name, e.g. koclip-mini")
+    q.add_argument("--images", required=True, help="folder scanned recursively for images")
+    q.add_argument("--out", required=True, help="index directory to write, e.g. photos.kidx")
+    q.add_argument("--shard", type=_shard, help="i/n: build only part i of n (1-based); join parts with 'merge'")
+    q.add_argument("--dtype", choices=kidx.DTYPES, default="float16", help="vector storage (default float16)")
+    q.add_argument("--faiss", choices=sorted(_FAISS), default="auto",
+                   help=f"build the approximate-search index (auto: at >= {kidx.FAISS_THRESHOLD:,} images)")
+    common(q)
+    q.set_defaults(func=_build)
+
+    q = sub.add_parser("add", help="add image files or folders to an index")
+    q.add_argument("--model", required=True, help="the model the index was built with")
+    q.add_argument("index")
+    q.add_argument("paths", nargs="+", help="image files, or one folder")
+    common(q)
+    q.set_defaults(func=_add)
+
+    q = sub.add_parser("merge", help="join indexes built by the same model (e.g. shards)")
+    q.add_argument("out")
+    q.add_argument("parts", nargs="+")
+    q.add_argument("--dtype", choices=kidx.DTYPES, default=None, help="default: the first part's")
+    q.add_argument("--faiss", choices=sorted(_FAISS), default="auto")
+    q.set_defaults(func=_merge)
+
+    q = sub.add_parser("info", help="show an index's model, size and settings")
+    q.add_argument("index")
+    q.set_defaults(func=_info)
+
+    q = sub.add_parser("search", help="find images for text queries")
+    q.add_argument("index")
+    q.add_argument("text", nargs="+", help="one or more queries")
+    q.add_argument("-k", type=_positive, default=10, help="results per query (default 10)")
+    q.add_argument("--model", help="default: the model that built the index")
+    q.add_argument("--backend", choices=("auto", "exact", "faiss"), default="auto")
+    q.set_defaults(func=_search)

@@ -1,0 +1,507 @@
+"""Tests for koclip.index: build, store, load, search, resume, shard, merge, add."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from koclip import index as kidx
+from koclip.errors import IndexFileError
+from koclip.index import add_images, build_index, load_index, merge_indexes, scan_images
+
+
+class TinyEmbedder:
+    """A real, deterministic image model: 8x8 RGB thumbnail (centred) -> fixed random projection
+    to 16-d -> L2 norm.  Similar pictures get similar vectors, so search results can be checked."""
+
+    name = "tiny"
+    dim = 16
+
+    def __init__(self, fingerprint="tiny-v1", fail_after=None, delay=0.0):
+        self.fingerprint = fingerprint
+        self.fail_after = fail_after  # raise on encode call number fail_after + 1
+        self.delay = delay  # seconds per preprocess and per encode call, like a real model's cost
+        self.proj = np.random.default_rng(0).standard_normal((8 * 8 * 3, self.dim)).astype(np.float32)
+        self.encoded = 0
+        self.calls = 0
+
+    def preprocess(self, images):
+        time.sleep(self.delay)
+        return np.stack([np.asarray(im.resize((8, 8), Image.Resampling.BILINEAR), np.float32).ravel() / 255 - 0.5
+                         for im in images])
+
+    def encode_pixels(self, pixels):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated crash in the model")
+        time.sleep(self.delay)
+        self.encoded += len(pixels)
+        z = pixels @ self.proj
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+    def embed(self, images):
+        return self.encode_pixels(self.preprocess(images))
+
+
+def solid(rgb, size=(24, 16)):
+    return Image.new("RGB", size, rgb)
+
+
+def noise(seed, size=(20, 20)):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def make_photos(root: Path) -> dict[str, Image.Image]:
+    """20 small images in nested folders (PNG, and JPEG with an upper-case suffix); returns rel path -> image."""
+    images = {
+        "reds/red.png": solid((230, 20, 20)),
+        "reds/dark red.png": solid((150, 10, 15)),
+        "reds/sub/pinkish red.PNG": solid((240, 60, 60), (30, 30)),
+        "blues/blue.png": solid((20, 30, 220)),
+        "blues/navy.png": solid((10, 10, 120)),
+        "greens/green.png": solid((20, 200, 40)),
+        "greens/olive.png": solid((110, 140, 30)),
+        "grey.bmp": solid((128, 128, 128)),
+        "사진/고양이.png": noise(100),
+    }
+    for i in range(11):
+        images[f"noise/n{i:02d}.png"] = noise(i)
+    for rel, im in images.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        im.save(p)
+    return images
+
+
+@pytest.fixture
+def photos(tmp_path):
+    root = tmp_path / "photos"
+    return root, make_photos(root)
+
+
+def build(emb, root, out, **kw):
+    kw.setdefault("progress", False)
+    return build_index(emb, root, out, **kw)
+
+
+# ---------------------------------------------------------------- scanning
+
+def test_scan_is_recursive_sorted_case_insensitive_and_skips_hidden_and_non_images(tmp_path):
+    for rel in ["b/x.JPG", "a.png", "a/z.TiFF", "notes.txt", ".hidden.png", ".cache/c.png", "c.webp", "d.gif"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    assert scan_images(tmp_path) == ["a.png", "a/z.TiFF", "b/x.JPG", "c.webp", "d.gif"]
+
+
+# ---------------------------------------------------------------- store
+
+def test_file_names_that_are_not_utf8_round_trip(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes, as old cameras and zip files leave them
+    solid((5, 5, 5)).save(root / name)
+    build(TinyEmbedder(), root, tmp_path / "p.kidx")
+    index = load_index(tmp_path / "p.kidx")
+    assert index.paths == [name] and index.full_path(name).is_file()
+
+
+def test_round_trip_keeps_vectors_and_per_image_records(photos, tmp_path):
+    root, images = photos
+    emb = TinyEmbedder()
+    report = build(emb, root, tmp_path / "p.kidx")
+    index = load_index(tmp_path / "p.kidx", emb)
+    assert report.count == index.count == len(images) and not report.skipped
+    assert index.paths == sorted(images)
+    expected = emb.embed([images[p] for p in index.paths])
+    assert index.vectors.dtype == np.float16
+    np.testing.assert_allclose(index.vectors.astype(np.float32), expected, atol=2e-3)
+    i = index.paths.index("reds/sub/pinkish red.PNG")
+    assert (index.widths[i], index.heights[i]) == (30, 30)
+    assert index.sizes[i] == (root / index.paths[i]).stat().st_size
+    assert index.sha256[i] == hashlib.sha256((root / index.paths[i]).read_bytes()).hexdigest()
+    meta = json.loads((tmp_path / "p.kidx" / "meta.json").read_text())
+    keys = ("model", "fingerprint", "dim", "dtype", "count", "normalised", "format_version")
+    assert {k: meta[k] for k in keys} == {"model": "tiny", "fingerprint": "tiny-v1", "dim": 16, "dtype": "float16",
+                                          "count": len(images), "normalised": True, "format_version": 1}
+    assert index.full_path(index.paths[i]) == root.resolve() / "reds/sub/pinkish red.PNG"
+
+
+def test_float32_index_stores_the_model_output_exactly(photos, tmp_path):
+    root, images = photos
+    emb = TinyEmbedder()
+    build(emb, root, tmp_path / "p.kidx", dtype="float32")
+    index = load_index(tmp_path / "p.kidx")
+    assert index.vectors.dtype == np.float32
+    np.testing.assert_allclose(index.vectors, emb.embed([images[p] for p in index.paths]), rtol=1e-6, atol=1e-7)
+
+
+def test_rebuilding_replaces_the_index_and_leaves_no_stray_files(photos, tmp_path):
+    root, images = photos
+    build(TinyEmbedder(), root, tmp_path / "p.kidx")
+    (root / "noise/n00.png").unlink()
+    build(TinyEmbedder(), root, tmp_path / "p.kidx")
+    assert load_index(tmp_path / "p.kidx").count == len(images) - 1
+    names = sorted(p.name.split(".")[0] for p in (tmp_path / "p.kidx").iterdir() if p.name != ".lock")
+    assert names == ["items", "meta", "vectors"]
+    assert not (tmp_path / "p.kidx.partial").exists()
+
+
+def test_writing_over_a_folder_that_is_not_an_index_is_refused(photos, tmp_path):
+    root, _ = photos
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.docx").write_bytes(b"precious")
+    with pytest.raises(IndexFileError, match="not a koclip index"):
+        build(TinyEmbedder(), root, tmp_path / "mine")
+    assert (tmp_path / "mine" / "thesis.docx").read_bytes() == b"precious"
+
+
+# ---------------------------------------------------------------- integrity errors
+
+@pytest.fixture
+def built(photos, tmp_path):
+    build(TinyEmbedder(), photos[0], tmp_path / "p.kidx")
+    return tmp_path / "p.kidx"
+
+
+def data_file(index_dir: Path, stem: str) -> Path:
+    return next(index_dir.glob(f"{stem}.*"))
+
+
+def test_fingerprint_mismatch_names_both_models(built):
+    other = TinyEmbedder(fingerprint="tiny-v2-other-preprocessing")
+    with pytest.raises(IndexFileError, match=r"built with model 'tiny' \(fingerprint tiny-v1.*"
+                                             r"loaded model is 'tiny' \(fingerprint tiny-v2-other"):
+        load_index(built, other)
+
+
+def test_truncated_vectors_file_is_reported(built):
+    p = data_file(built, "vectors")
+    p.write_bytes(p.read_bytes()[:-40])
+    with pytest.raises(IndexFileError, match="truncated"):
+        load_index(built)
+
+
+def test_flipped_byte_in_vectors_fails_the_checksum(built):
+    p = data_file(built, "vectors")
+    data = bytearray(p.read_bytes())
+    data[-7] ^= 0x10
+    p.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="checksum"):
+        load_index(built)
+
+
+def test_truncated_meta_json_is_reported(built):
+    p = built / "meta.json"
+    p.write_text(p.read_text()[:100])
+    with pytest.raises(IndexFileError, match="not valid JSON"):
+        load_index(built)
+
+
+def test_corrupt_items_file_is_reported(built):
+    p = data_file(built, "items")
+    p.write_bytes(p.read_bytes().replace(b"red", b"rod", 1))
+    with pytest.raises(IndexFileError, match="items file .* corrupt"):
+        load_index(built)
+
+
+def test_missing_index_says_so(tmp_path):
+    with pytest.raises(IndexFileError, match="does not exist"):
+        load_index(tmp_path / "nope.kidx")
+
+
+# ---------------------------------------------------------------- search
+
+def test_every_image_is_its_own_nearest_neighbour(photos, built):
+    _, images = photos
+    emb = TinyEmbedder()
+    index = load_index(built, emb)
+    hits = index.search(emb.embed([images[p] for p in index.paths]), k=3)
+    assert [h[0].path for h in hits] == index.paths
+    assert all(h[0].score > 0.999 and [r.rank for r in h] == [1, 2, 3] for h in hits)
+
+
+def test_a_red_query_finds_the_red_images(built):
+    emb = TinyEmbedder()
+    hits = load_index(built, emb).search(emb.embed([solid((200, 40, 30), (50, 50))])[0], k=3)
+    assert sorted(h.path for h in hits) == ["reds/dark red.png", "reds/red.png", "reds/sub/pinkish red.PNG"]
+    assert hits[0].score >= hits[1].score >= hits[2].score
+
+
+def test_exact_search_matches_a_numpy_reference(tmp_path):
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal((500, 24)).astype(np.float32)
+    index = kidx.write_vectors_index(tmp_path / "v.kidx", v, [f"{i:03d}.jpg" for i in range(500)],
+                                     model="m", fingerprint="f")
+    q = rng.standard_normal((4, 24)).astype(np.float32) * 3  # scale does not matter
+    stored = index.vectors.astype(np.float32)
+    ref = (stored @ (q / np.linalg.norm(q, axis=1, keepdims=True)).T).T
+    hits = index.search(q, k=7, backend="exact")
+    for row, h in zip(ref, hits):
+        order = np.argsort(-row)[:7]
+        assert [x.path for x in h] == [f"{i:03d}.jpg" for i in order]
+        np.testing.assert_allclose([x.score for x in h], row[order], atol=1e-5)
+
+
+def test_k_larger_than_the_index_returns_every_image(built):
+    index = load_index(built)
+    assert len(index.search(np.ones(16), k=1000)) == index.count
+
+
+def test_query_of_the_wrong_dimension_is_refused(built):
+    with pytest.raises(ValueError, match=r"shape \(16,\) or \(m, 16\)"):
+        load_index(built).search(np.ones(15))
+
+
+def test_faiss_backend_reaches_the_recall_target(tmp_path):
+    # Clustered vectors (like real embeddings), 3000 x 32, queries near the data.
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((60, 32))
+    v = centres[rng.integers(0, 60, 3000)] + 0.6 * rng.standard_normal((3000, 32))
+    index = kidx.write_vectors_index(tmp_path / "v.kidx", v, [f"{i}" for i in range(3000)],
+                                     model="m", fingerprint="f", faiss=True)
+    q = centres[rng.integers(0, 60, 100)] + 0.8 * rng.standard_normal((100, 32))
+    exact = index.search(q, k=10, backend="exact")
+    approx = load_index(tmp_path / "v.kidx").search(q, k=10, backend="faiss")
+    recall = np.mean([len({h.path for h in a} & {h.path for h in e}) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.95
+    params = index.ivf_params
+    assert params["nprobe"] < params["nlist"]  # it did not just scan everything
+    assert data_file(tmp_path / "v.kidx", "ivf").stat().st_size > 0
+
+
+def test_faiss_index_is_built_on_demand_and_saved(tmp_path):
+    v = np.random.default_rng(3).standard_normal((400, 8))
+    kidx.write_vectors_index(tmp_path / "v.kidx", v, [str(i) for i in range(400)], model="m", fingerprint="f")
+    load_index(tmp_path / "v.kidx").search(v[0], backend="faiss")
+    again = load_index(tmp_path / "v.kidx")
+    assert again.ivf_params and again.search(v[0], k=1, backend="faiss")[0].path == "0"
+
+
+# ---------------------------------------------------------------- unreadable images
+
+def test_unreadable_images_are_skipped_and_listed(photos, tmp_path):
+    root, images = photos
+    (root / "bad").mkdir()
+    (root / "bad/notes.jpg").write_text("not an image")
+    (root / "bad/empty.png").write_bytes(b"")
+    good = (root / "reds/red.png").read_bytes()
+    (root / "bad/cut.png").write_bytes(good[: len(good) // 2])
+    report = build(TinyEmbedder(), root, tmp_path / "p.kidx")
+    assert [p for p, _ in report.skipped] == ["bad/cut.png", "bad/empty.png", "bad/notes.jpg"]
+    assert all(reason for _, reason in report.skipped)
+    assert "empty" in dict(report.skipped)["bad/empty.png"]
+    assert load_index(tmp_path / "p.kidx").count == len(images)
+
+
+# ---------------------------------------------------------------- resume
+
+def assert_same_index(a, b):
+    assert a.paths == b.paths and a.sha256 == b.sha256
+    np.testing.assert_array_equal(a.vectors, b.vectors)
+
+
+def test_build_resumes_after_a_crash_without_redoing_or_losing_work(photos, tmp_path):
+    root, images = photos
+    build(TinyEmbedder(), root, tmp_path / "clean.kidx", batch_size=3)
+    crashing = TinyEmbedder(fail_after=3)  # dies on the 4th batch
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build(crashing, root, tmp_path / "p.kidx", batch_size=3, checkpoint_every=3)
+    assert not (tmp_path / "p.kidx" / "meta.json").exists()
+    assert crashing.encoded == 9
+    second = TinyEmbedder()
+    report = build(second, root, tmp_path / "p.kidx", batch_size=3, checkpoint_every=3)
+    assert report.resumed == 9 and second.encoded == len(images) - 9 == report.embedded
+    assert_same_index(load_index(tmp_path / "p.kidx"), load_index(tmp_path / "clean.kidx"))
+
+
+def test_resume_ignores_half_written_temp_files_and_redoes_a_damaged_chunk(photos, tmp_path):
+    root, images = photos
+    with pytest.raises(RuntimeError):
+        build(TinyEmbedder(fail_after=4), root, tmp_path / "p.kidx", batch_size=2, checkpoint_every=2)
+    journal = tmp_path / "p.kidx.partial"
+    chunks = sorted(journal.glob("chunk-*.npz"))
+    assert len(chunks) == 4
+    # A write killed half-way leaves a temp file; disk damage could truncate a chunk.
+    (journal / ".chunk-000005.npz.1234abcd.tmp").write_bytes(chunks[0].read_bytes()[:300])
+    chunks[1].write_bytes(chunks[1].read_bytes()[:300])
+    second = TinyEmbedder()
+    report = build(second, root, tmp_path / "p.kidx", batch_size=2)
+    assert report.resumed == 6 and second.encoded == len(images) - 6
+    build(TinyEmbedder(), root, tmp_path / "clean.kidx")
+    assert_same_index(load_index(tmp_path / "p.kidx"), load_index(tmp_path / "clean.kidx"))
+
+
+def test_build_killed_with_sigkill_resumes(photos, tmp_path):
+    root, images = photos
+    script = tmp_path / "run_build.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_index import TinyEmbedder
+        from koclip.index import build_index
+        build_index(TinyEmbedder(delay=0.15), {str(root)!r}, {str(tmp_path / "p.kidx")!r},
+                    batch_size=2, checkpoint_every=2, progress=False)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=Path(__file__).parent.parent)
+    journal = tmp_path / "p.kidx.partial"
+    deadline = time.monotonic() + 60
+    while len(list(journal.glob("chunk-*.npz"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "p.kidx" / "meta.json").exists()
+    second = TinyEmbedder()
+    report = build(second, root, tmp_path / "p.kidx", batch_size=2)
+    assert report.resumed >= 4 and second.encoded == len(images) - report.resumed
+    build(TinyEmbedder(), root, tmp_path / "clean.kidx")
+    assert_same_index(load_index(tmp_path / "p.kidx"), load_index(tmp_path / "clean.kidx"))
+
+
+def test_crash_while_writing_the_index_keeps_the_old_one(photos, tmp_path, monkeypatch):
+    root, images = photos
+    build(TinyEmbedder(), root, tmp_path / "p.kidx")
+    solid((1, 2, 3)).save(root / "more.png")
+
+    def die(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kidx, "_commit_meta", die)
+    with pytest.raises(KeyboardInterrupt):
+        build(TinyEmbedder(), root, tmp_path / "p.kidx")
+    assert load_index(tmp_path / "p.kidx").count == len(images)  # old index intact
+    monkeypatch.undo()
+    second = TinyEmbedder()
+    report = build(second, root, tmp_path / "p.kidx")
+    assert second.encoded == 0 and report.count == len(images) + 1
+
+
+def test_crash_while_writing_a_first_index_can_be_rerun(photos, tmp_path, monkeypatch):
+    root, images = photos
+    monkeypatch.setattr(kidx, "_commit_meta", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        build(TinyEmbedder(), root, tmp_path / "p.kidx")
+    monkeypatch.undo()
+    with pytest.raises(IndexFileError, match="interrupted"):
+        load_index(tmp_path / "p.kidx")
+    assert build(TinyEmbedder(), root, tmp_path / "p.kidx").count == len(images)
+
+
+def test_journal_of_another_model_is_not_mixed_in(photos, tmp_path):
+    root, _ = photos
+    with pytest.raises(RuntimeError):
+        build(TinyEmbedder(fail_after=1), root, tmp_path / "p.kidx", batch_size=2, checkpoint_every=2)
+    with pytest.raises(IndexFileError, match="unfinished .*tiny-v1.*delete"):
+        build(TinyEmbedder(fingerprint="other"), root, tmp_path / "p.kidx")
+
+
+def test_loading_overlaps_with_the_model(photos, tmp_path):
+    # 10 batches, 50 ms preprocessing + 50 ms model each: 1.0 s if run one after the other.
+    root, _ = photos
+    report = build(TinyEmbedder(delay=0.05), root, tmp_path / "p.kidx", batch_size=2)
+    assert report.model_seconds >= 0.5 and report.pipeline_seconds < 0.8
+
+
+# ---------------------------------------------------------------- shards and merge
+
+def test_shards_are_disjoint_cover_everything_and_merge_to_the_full_build(photos, tmp_path):
+    root, images = photos
+    # A copy of red.png in another shard: only the merge can see that it is a duplicate.
+    red_shard = next(i for i in (1, 2, 3) if kidx.in_shard("reds/red.png", (i, 3)))
+    copy = next(f"copy {i}.png" for i in range(99) if not kidx.in_shard(f"copy {i}.png", (red_shard, 3)))
+    shutil.copy(root / "reds/red.png", root / copy)
+    full = build(TinyEmbedder(), root, tmp_path / "full.kidx")
+    parts = [tmp_path / f"part{i}.kidx" for i in (1, 2, 3)]
+    for i, p in enumerate(parts, 1):
+        build(TinyEmbedder(), root, p, shard=f"{i}/3")
+    shards = [set(load_index(p).paths) for p in parts]
+    assert all(shards) and sum(map(len, shards)) == len(set().union(*shards)) == len(images) + 1
+    report = merge_indexes(parts, tmp_path / "merged.kidx")
+    assert full.duplicates == [("reds/red.png", copy)] == report.duplicates
+    assert_same_index(load_index(tmp_path / "merged.kidx"), load_index(tmp_path / "full.kidx"))
+
+
+def test_merge_refuses_indexes_of_different_models(photos, tmp_path):
+    root, _ = photos
+    build(TinyEmbedder(), root, tmp_path / "a.kidx", shard="1/2")
+    build(TinyEmbedder(fingerprint="v2"), root, tmp_path / "b.kidx", shard="2/2")
+    with pytest.raises(IndexFileError, match="same model"):
+        merge_indexes([tmp_path / "a.kidx", tmp_path / "b.kidx"], tmp_path / "m.kidx")
+
+
+@pytest.mark.parametrize("bad", ["0/3", "4/3", "1-3", "x"])
+def test_bad_shard_spec_is_refused(bad):
+    with pytest.raises(ValueError, match="shard"):
+        kidx.parse_shard(bad)
+
+
+# ---------------------------------------------------------------- add
+
+def test_add_stores_each_content_once(photos, tmp_path):
+    root, images = photos
+    build(TinyEmbedder(), root, tmp_path / "p.kidx")
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(root / "reds/red.png", new / "red again.png")
+    solid((250, 250, 0)).save(new / "yellow.png")
+    emb = TinyEmbedder()
+    report = add_images(tmp_path / "p.kidx", emb, new, progress=False)
+    assert report.indexed == 1 and emb.encoded == 1
+    assert [p for p, kept in report.duplicates] == [str((new / "red again.png").resolve().as_posix())]
+    index = load_index(tmp_path / "p.kidx")
+    assert index.count == len(images) + 1 and index.paths[-1].endswith("new/yellow.png")
+    again = add_images(tmp_path / "p.kidx", TinyEmbedder(), [new / "yellow.png"], progress=False)
+    assert again.indexed == 0 and load_index(tmp_path / "p.kidx").count == len(images) + 1
+
+
+def test_add_replaces_the_vector_of_a_changed_file(photos, tmp_path):
+    root, images = photos
+    build(TinyEmbedder(), root, tmp_path / "p.kidx")
+    solid((0, 0, 255)).save(root / "grey.bmp")  # the grey picture is now blue
+    emb = TinyEmbedder()
+    report = add_images(tmp_path / "p.kidx", emb, root, progress=False)
+    index = load_index(tmp_path / "p.kidx", emb)
+    assert report.indexed == 1 and index.count == len(images)
+    assert index.search(emb.embed([solid((0, 0, 255))])[0], k=1)[0].path == "grey.bmp"
+
+
+def test_add_keeps_the_faiss_index_in_step(tmp_path):
+    rng = np.random.default_rng(4)
+    v = rng.standard_normal((600, 16))
+    kidx.write_vectors_index(tmp_path / "v.kidx", v, [f"{i:04d}" for i in range(600)], model="tiny",
+                             fingerprint="tiny-v1", faiss=True, images_root=tmp_path)
+    solid((9, 200, 9)).save(tmp_path / "g.png")
+    emb = TinyEmbedder()
+    add_images(tmp_path / "v.kidx", emb, [tmp_path / "g.png"], progress=False)
+    index = load_index(tmp_path / "v.kidx")
+    assert index.count == 601 and index.ivf_params
+    q = emb.embed([solid((9, 200, 9))])[0]
+    assert index.search(q, k=1, backend="faiss")[0].path == "g.png"
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_builds_merges_and_adds(photos, tmp_path, monkeypatch, capsys):
+    import koclip
+    from koclip.cli import main
+
+    root, images = photos
+    monkeypatch.setattr(koclip, "load_embedder", lambda name: TinyEmbedder(), raising=False)
+    for i in (1, 2):
+        assert main(["index", "build", "--model", "tiny", "--images", str(root), "--out",
+                     str(tmp_path / f"p{i}.kidx"), "--shard", f"{i}/2", "--batch-size", "4", "--no-progress"]) == 0
+    assert main(["index", "merge", str(tmp_path / "all.kidx"), str(tmp_path / "p1.kidx"),
+                 str(tmp_path / "p2.kidx")]) == 0
+    assert load_index(tmp_path / "all.kidx").count == len(images)
+    assert main(["index", "info", str(tmp_path / "all.kidx")]) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert main(["index", "merge", str(tmp_path / "x.kidx"), str(tmp_path / "missing.kidx")]) == 2
