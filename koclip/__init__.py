@@ -7,6 +7,7 @@
 """
 
 from koclip.config import ModelConfig, TextConfig, VisionConfig
+from koclip.embedder import Embedder, load_embedder
 from koclip.errors import CheckpointError, ImageError, KoclipError, OfflineError, UnknownModelError
 from koclip.loading import from_towers, load
 from koclip.model import KoCLIP
@@ -23,7 +24,7 @@ def save(model: KoCLIP, directory, processor: Processor | None = None):
 
 
 __all__ = [
-    "KoCLIP", "ModelConfig", "TextConfig", "VisionConfig", "Processor", "load", "from_towers", "save",
+    "KoCLIP", "Embedder", "load_embedder", "ModelConfig", "TextConfig", "VisionConfig", "Processor", "load", "from_towers", "save",
     "available_models", "apply_template", "DEFAULT_TEMPLATE", "KoclipError", "CheckpointError",
     "ImageError", "OfflineError", "UnknownModelError",
 ]

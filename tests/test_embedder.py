@@ -1,0 +1,59 @@
+"""The Embedder joins a loaded model to the index: build from a folder, search by text."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+import koclip
+from koclip import index as kidx
+from koclip.config import TINY
+from koclip.embedder import Embedder, fingerprint
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from conftest import write_tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    koclip.save(koclip.KoCLIP(TINY, rngs=nnx.Rngs(0)), d)
+    write_tiny_tokenizer(d)
+    return d
+
+
+def test_load_embedder_encodes_texts_and_images_to_unit_vectors(tiny_dir):
+    emb = koclip.load_embedder(str(tiny_dir))
+    zt = emb.encode_texts(["이것은 고양이 이다", "a dog"])
+    zi = emb.encode_images([Image.new("RGB", (40, 30), "red")])
+    assert zt.shape == (2, TINY.projection_dim) and zi.shape == (1, TINY.projection_dim)
+    np.testing.assert_allclose(np.linalg.norm(np.vstack([zt, zi]), axis=1), 1.0, rtol=1e-5)
+    assert emb.encode_texts([]).shape == (0, TINY.projection_dim)
+
+
+def test_fingerprint_changes_with_preprocessing(tiny_dir):
+    model, processor = koclip.load(str(tiny_dir))
+    a = fingerprint(model, processor)
+    assert a == Embedder(model, processor).fingerprint
+    processor.image_spec = dataclasses.replace(processor.image_spec, mean=(0.5, 0.5, 0.5))
+    assert fingerprint(model, processor) != a
+
+
+def test_index_built_with_a_real_model_stores_its_vectors_and_ranks_by_them(tiny_dir, tmp_path):
+    emb = koclip.load_embedder(str(tiny_dir))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(photos / f"noise{i}.png")
+    kidx.build_index(emb, photos, tmp_path / "photos.kidx", progress=False)
+    index = kidx.load_index(tmp_path / "photos.kidx", emb)
+    assert sorted(index.paths) == [f"noise{i}.png" for i in range(6)]
+    direct = emb.encode_images([Image.open(photos / p) for p in index.paths])
+    np.testing.assert_allclose(np.asarray(index.vectors, np.float32), direct, atol=2e-3)
+    q = emb.encode_texts(["이것은 고양이 이다"])
+    hits = index.search(q, k=3)[0]
+    # The tiny random model scores these images almost alike: compare scores, not the order of near-ties.
+    np.testing.assert_allclose([h.score for h in hits], np.sort(direct @ q[0])[::-1][:3], atol=2e-3)
+    assert [h.rank for h in hits] == [1, 2, 3]
