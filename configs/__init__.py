@@ -1,0 +1,1 @@
+"""Training presets: each module's `get_config()` returns a koclip.train.TrainConfig."""

@@ -1,0 +1,13 @@
+"""Evaluating koclip models: metrics (pure functions), datasets, zero-shot classification, retrieval.
+
+    from koclip.evaluation import evaluate_zeroshot, open_dataset
+    print(evaluate_zeroshot(model, processor, open_dataset("fashion-mnist"))["top1"])
+"""
+
+from koclip.evaluation.datasets import open_dataset
+from koclip.evaluation.metrics import recall_at_k, retrieval_metrics, topk_accuracy
+from koclip.evaluation.retrieval import evaluate_retrieval
+from koclip.evaluation.zeroshot import evaluate_zeroshot
+
+__all__ = ["open_dataset", "recall_at_k", "retrieval_metrics", "topk_accuracy", "evaluate_zeroshot",
+           "evaluate_retrieval"]

@@ -1,0 +1,77 @@
+"""Embedding a whole dataset: images decoded by a thread pool while the model encodes."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from koclip.errors import KoclipError
+
+log = logging.getLogger(__name__)
+
+
+def _decode_chunk(dataset, indices, spec):
+    from koclip.images import preprocess
+
+    px = np.zeros((len(indices), spec.size, spec.size, 3), np.float32)
+    ok = np.zeros(len(indices), bool)
+    for r, i in enumerate(indices):
+        try:
+            px[r] = preprocess(dataset.image(int(i)), spec)[0]
+            ok[r] = True
+        except (KoclipError, OSError, ValueError) as e:
+            log.warning("skipping image %d: %s", i, e)
+    return px, ok
+
+
+def encode_images(model, processor, dataset, *, batch_size: int = 32, num_workers: int = 2,
+                  progress: bool = False, desc: str = "images") -> tuple[np.ndarray, np.ndarray]:
+    """(n, projection_dim) L2-normalised image embeddings, and (n,) bool: False where undecodable."""
+    from tqdm import tqdm
+
+    chunks = [np.arange(lo, min(lo + batch_size, len(dataset))) for lo in range(0, len(dataset), batch_size)]
+    dim = model.config.projection_dim
+    z = np.zeros((len(dataset), dim), np.float32)
+    ok = np.zeros(len(dataset), bool)
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        pending: deque = deque()
+        it = iter(chunks)
+        for idx in it:
+            pending.append((idx, pool.submit(_decode_chunk, dataset, idx, processor.image_spec)))
+            if len(pending) > num_workers:
+                break
+        bar = tqdm(total=len(dataset), desc=desc, disable=not progress, leave=False)
+        while pending:
+            idx, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_decode_chunk, dataset, nxt, processor.image_spec)))
+            px, good = fut.result()
+            if good.any():
+                z[idx[good]] = np.asarray(model.encode_image(px[good]))
+            ok[idx] = good
+            bar.update(len(idx))
+        bar.close()
+    return z, ok
+
+
+def encode_texts(model, processor, texts, *, batch_size: int = 256) -> np.ndarray:
+    """(len(texts), projection_dim) L2-normalised text embeddings."""
+    out = []
+    for lo in range(0, len(texts), batch_size):
+        tok = processor.tokenize(list(texts[lo:lo + batch_size]))
+        out.append(np.asarray(model.encode_text(tok["input_ids"], tok["attention_mask"])))
+    if not out:
+        return np.zeros((0, model.config.projection_dim), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def subset(dataset, limit: int, seed: int = 0):
+    """A deterministic random subset of `limit` examples (the whole dataset when limit is 0 or larger)."""
+    if not limit or limit >= len(dataset):
+        return dataset
+    pick = np.sort(np.random.default_rng([seed, 7]).permutation(len(dataset))[:limit])
+    return dataset.take(pick)

@@ -1,0 +1,5 @@
+import sys
+
+from koclip.train.main import main
+
+sys.exit(main())

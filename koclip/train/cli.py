@@ -1,0 +1,34 @@
+"""`koclip train --config configs/NAME.py [--workdir DIR] [--set key=value ...]`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", required=True, help="a config file with get_config(), e.g. configs/tiny.py")
+    p.add_argument("--workdir", help="checkpoints, logs and the exported model (default: runs/<config name>); "
+                                     "an existing one is resumed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable), e.g. --set learning_rate=1e-4")
+
+
+def run(args) -> int:
+    import logging
+
+    from koclip.train.config import load_config
+    from koclip.train.train import train_and_evaluate
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    cfg = load_config(args.config, args.overrides)
+    workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
+    summary = train_and_evaluate(cfg, workdir)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a model contrastively (koclip.train)")
+    add_arguments(p)
+    p.set_defaults(func=run)

@@ -1,0 +1,545 @@
+"""Contrastive training of a koclip model.
+
+The pure pieces are top-level functions: `create_train_state` splits a model
+into trainable and frozen parts and initialises the optimiser; `train_step`
+does one update on a global batch; `eval_step` embeds a batch and scores it.
+`train_and_evaluate(config, workdir)` wires them to data, devices,
+checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from koclip.errors import KoclipError
+from koclip.evaluation.metrics import retrieval_metrics
+from koclip.model import KoCLIP, l2_normalize
+from koclip.train import parallel
+from koclip.train.config import TrainConfig
+from koclip.train.losses import blockwise, clip_loss, siglip_loss
+from koclip.train.optim import learning_rate_schedule, make_optimizer, path_of, trainable_filter
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOWER, TEXT_TOWER = r"vision_model/.*", r"text_model/.*"
+
+
+class DivergedError(KoclipError):
+    """The loss became NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array        # batches consumed (micro-batches when accumulating)
+    params: dict           # {"model": trainable nnx.State, "loss": loss parameters (SigLIP's bias)}
+    frozen: Any            # nnx.State of everything else in the model
+    opt_state: Any
+
+    def checkpoint_tree(self) -> dict:
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """Static settings of the step functions."""
+
+    loss: str = "clip"
+    blocks: int = 1                  # >1: negatives only within each of this many row blocks
+    compute_dtype: str = "float32"
+    max_logit_scale: float = math.log(100.0)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, n_devices: int) -> StepOptions:
+        return cls(cfg.loss, n_devices if cfg.local_negatives else 1, cfg.compute_dtype, cfg.max_logit_scale)
+
+
+def locked_towers(cfg: TrainConfig) -> list[str]:
+    """Freeze patterns implied by the features mode (a precomputed tower cannot train)."""
+    return {"none": [], "image": [IMAGE_TOWER], "text": [TEXT_TOWER], "both": [IMAGE_TOWER, TEXT_TOWER]}[cfg.features]
+
+
+def create_train_state(model: KoCLIP, cfg: TrainConfig, tx: optax.GradientTransformation):
+    """Splits `model` by the freeze patterns and initialises `tx`.
+
+    Returns (graphdef, TrainState).  Frozen parameters get no gradients and no
+    optimiser state.
+    """
+    freeze = list(cfg.freeze) + locked_towers(cfg)
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(freeze), ...)
+    if not jax.tree.leaves(trainable):
+        raise KoclipError(f"the freeze patterns {freeze} leave no parameter to train")
+    loss_params = {"logit_bias": jnp.asarray(cfg.siglip_bias_init, jnp.float32)} if cfg.loss == "siglip" else {}
+    params = {"model": trainable, "loss": loss_params}
+    # jit: one compile for the whole optimiser state rather than one per zeros_like.
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                       opt_state=jax.jit(tx.init)(params))
+    return graphdef, state
+
+
+def _cast(tree, dtype):
+    # Scalars (the temperature) stay float32; bf16 would round exp(logit_scale) coarsely.
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim else x,
+                        tree)
+
+
+def embed(model: KoCLIP, batch: dict, dtype=jnp.float32):
+    """L2-normalised (zimg, ztxt) of a batch of pixels/tokens or of precomputed tower features."""
+    if "image_feats" in batch:
+        zimg = model.visual_projection(batch["image_feats"].astype(dtype))
+    else:
+        zimg = model.image_features(batch["pixel_values"].astype(dtype))
+    if "text_feats" in batch:
+        ztxt = model.text_projection(batch["text_feats"].astype(dtype))
+    else:
+        ztxt = model.text_features(batch["input_ids"], batch["attention_mask"])
+    return l2_normalize(zimg.astype(jnp.float32)), l2_normalize(ztxt.astype(jnp.float32))
+
+
+def contrastive_loss(zimg, ztxt, logit_scale, loss_params: dict, valid, opts: StepOptions):
+    """The configured loss (CLIP or SigLIP, global or block-local negatives) of one batch."""
+    scale = jnp.exp(logit_scale.astype(jnp.float32))
+    fn, args = (clip_loss, (scale,)) if opts.loss == "clip" else (siglip_loss, (scale, loss_params["logit_bias"]))
+    if opts.blocks > 1:
+        return blockwise(fn, zimg, ztxt, *args, blocks=opts.blocks, valid=valid)
+    return fn(zimg, ztxt, *args, valid=valid)
+
+
+def _merge(graphdef, params, frozen, dtype):
+    return nnx.merge(graphdef, _cast(params["model"], dtype), _cast(frozen, dtype))
+
+
+def loss_and_grads(state: TrainState, batch: dict, *, graphdef, opts: StepOptions):
+    """(loss, grads) of a batch: grads shaped like `state.params`."""
+    dtype = jnp.dtype(opts.compute_dtype)
+
+    def loss_fn(params):
+        model = _merge(graphdef, params, state.frozen, dtype)
+        zimg, ztxt = embed(model, batch, dtype)
+        return contrastive_loss(zimg, ztxt, model.logit_scale[...], params["loss"], batch["valid"], opts)
+
+    return jax.value_and_grad(loss_fn)(state.params)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _clamp_logit_scale(params, top: float):
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: jnp.clip(x, 0.0, top) if path_of(kp) == "model/logit_scale" else x, params)
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, opts: StepOptions):
+    """One optimiser (micro-)step on a global batch.  Returns (new state, metrics of scalars)."""
+    loss, grads = loss_and_grads(state, batch, graphdef=graphdef, opts=opts)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = _clamp_logit_scale(optax.apply_updates(state.params, updates), opts.max_logit_scale)
+    model = nnx.merge(graphdef, params["model"], state.frozen)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "logit_scale": jnp.exp(model.logit_scale[...]), "valid_rows": batch["valid"].sum()}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, graphdef, opts: StepOptions):
+    """Embeds a batch.  Returns (zimg, ztxt, valid, loss over the valid rows)."""
+    dtype = jnp.dtype(opts.compute_dtype)
+    model = _merge(graphdef, state.params, state.frozen, dtype)
+    zimg, ztxt = embed(model, batch, dtype)
+    valid = batch["valid"]
+    loss = contrastive_loss(zimg, ztxt, model.logit_scale[...], state.params["loss"], valid,
+                            dataclasses.replace(opts, blocks=1))
+    return zimg, ztxt, valid, loss
+
+
+def to_host(tree):
+    """Device arrays -> numpy, also for arrays spread over several processes."""
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
+
+
+def evaluate(eval_fn, state: TrainState, batches, mesh) -> dict[str, float]:
+    """Validation loss (mean over examples of per-batch losses) and R@1/5/10 both ways
+    over the whole validation set, each image paired with its first caption.
+
+    Identical captions are one gallery entry that is correct for each of their
+    images, so datasets whose captions come from class names are scored by class."""
+    zi, zt, ok = [], [], []
+    total, count = 0.0, 0
+    for batch in batches(0):
+        z1, z2, valid, loss = to_host(eval_fn(state, parallel.global_batch(batch, mesh)))
+        total += float(loss) * int(valid.sum())
+        count += int(valid.sum())
+        zi.append(z1)
+        zt.append(z2)
+        ok.append(valid)
+    ok = np.concatenate(ok)
+    zi, zt = np.concatenate(zi)[ok], np.concatenate(zt)[ok]
+    out = {"val_loss": total / max(count, 1), "val_examples": float(count)}
+    if count:
+        texts = np.array([batches.dataset.captions(int(i))[0] for i in np.flatnonzero(ok)], dtype=object)
+        # Repeated captions (class-name datasets) are one gallery entry, correct for all their images.
+        uniq, first, codes = np.unique(texts.astype(str), return_index=True, return_inverse=True)
+        truth = codes[:, None] == np.arange(len(uniq))[None, :]
+        out.update({f"val_{k}": v for k, v in retrieval_metrics(zi @ zt[first].T, truth).items()})
+    return out
+
+
+# ---------------------------------------------------------------- wiring
+
+
+def numpy_initialised(config, seed: int = 0) -> KoCLIP:
+    """A KoCLIP with weights drawn by numpy: normal(0, 0.02) matrices and embeddings,
+    zero biases, unit norm scales.
+
+    For test-sized models: jax's initialisers compile one threefry program per
+    weight (tens of seconds on a small CPU), numpy takes milliseconds.
+    """
+    abstract = nnx.eval_shape(lambda: KoCLIP(config, rngs=nnx.Rngs(0)))
+    graphdef, shapes = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+
+    def init(kp, x):
+        leaf = path_of(kp).rsplit("/", 1)[-1]
+        if leaf == "logit_scale":
+            return jnp.asarray(config.logit_scale_init, x.dtype)
+        if leaf in ("scale", "var"):
+            return jnp.ones(x.shape, x.dtype)
+        if leaf in ("bias", "mean"):
+            return jnp.zeros(x.shape, x.dtype)
+        return jnp.asarray(rng.normal(0.0, 0.02, x.shape), x.dtype)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, shapes))
+
+
+def _tokenizer(name: str):
+    """A tokenizer folder (tokenizer.json + tokenizer_config.json) or a hub id."""
+    if (Path(name) / "tokenizer.json").is_file():
+        # Straight to the fast tokenizer: AutoTokenizer would import torch, seconds for nothing.
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(name)
+    from koclip.processing import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def build_model(cfg: TrainConfig):
+    """The model and processor named by the config (see TrainConfig.model)."""
+    from koclip.processing import Processor, image_spec_for
+
+    if cfg.model == "tiny":
+        from koclip.config import TINY
+
+        if not cfg.tokenizer:
+            raise KoclipError("model='tiny' needs tokenizer= a folder with tokenizer.json")
+        model = numpy_initialised(TINY, cfg.seed)
+        processor = Processor(_tokenizer(cfg.tokenizer), image_spec_for(TINY), max_length=TINY.max_length)
+    elif cfg.model == "towers":
+        from koclip.loading import from_towers, processor_for
+
+        model = from_towers(cfg.text_tower, cfg.vision_tower, projection_dim=cfg.projection_dim, seed=cfg.seed)
+        processor = processor_for(model)
+    else:
+        from koclip.loading import load
+
+        model, processor = load(cfg.model)
+        if cfg.tokenizer:
+            processor.tokenizer = _tokenizer(cfg.tokenizer)
+    if cfg.tokenizer:
+        model.config = model.config.replace(tokenizer=cfg.tokenizer)
+    if cfg.reinit_heads:
+        reinit_heads(model, cfg.seed)
+    return model, processor
+
+
+def reinit_heads(model: KoCLIP, seed: int = 0) -> None:
+    """Fresh projection heads (normal(0, 0.02) kernels, zero biases) and the initial temperature,
+    for fitting the heads of a model whose towers are kept."""
+    rng = np.random.default_rng([seed, 17])
+    for head in (model.text_projection, model.visual_projection):
+        head.kernel[...] = jnp.asarray(rng.normal(0.0, 0.02, head.kernel[...].shape), jnp.float32)
+        if head.bias is not None:
+            head.bias[...] = jnp.zeros(head.bias[...].shape, jnp.float32)
+    model.logit_scale[...] = jnp.asarray(model.config.logit_scale_init, jnp.float32)
+
+
+def load_datasets(cfg: TrainConfig):
+    """(train, validation or None) datasets; see TrainConfig's data fields."""
+    from koclip.evaluation.datasets import open_dataset
+    from koclip.train.data import split_holdout
+
+    if not cfg.train_data:
+        raise KoclipError("train_data is empty; give a caption file, an IDX folder, class folders or "
+                          "'fashion-mnist' (or synthetic_examples > 0 for generated data)")
+    kw = dict(classnames=cfg.classnames or None, templates=cfg.templates, image_root=cfg.image_root or None)
+    train = open_dataset(cfg.train_data, split=cfg.train_split, **kw)
+    val = None
+    if cfg.val_data:
+        val = open_dataset(cfg.val_data, split=cfg.val_split, **kw)
+    elif cfg.val_size:
+        tr, va = split_holdout(len(train), cfg.val_size, cfg.seed)
+        train, val = train.take(tr), train.take(va)
+    if cfg.max_train_examples and cfg.max_train_examples < len(train):
+        pick = np.random.default_rng([cfg.seed, 998]).permutation(len(train))[:cfg.max_train_examples]
+        train = train.take(np.sort(pick))
+    return train, val
+
+
+def make_batches(cfg, model, processor, dataset, batch_size, *, train, mesh, cache_dir, progress):
+    """A `Batches` for `dataset`, with cached tower features in LiT mode."""
+    from koclip.train import features
+    from koclip.train.data import Batches, fixed_length_tokenizer
+
+    length = cfg.max_length or model.config.max_length
+    tokenize = fixed_length_tokenizer(processor.tokenizer, length, processor.text_prefix)
+    kw: dict = {}
+    if cfg.features in ("image", "both"):
+        kw["image_feats"], kw["image_ok"], _ = features.image_features(
+            model, dataset, processor.image_spec, cache_dir, mesh=mesh, batch_size=_eval_batch(cfg, mesh),
+            num_workers=cfg.num_workers, progress=progress)
+    else:
+        kw["image_spec"] = processor.image_spec
+    if cfg.features in ("text", "both"):
+        texts, kw["caption_rows"] = features.caption_table(dataset)
+        tok_id = f"{model.config.tokenizer}|{length}|{processor.text_prefix}"
+        kw["text_feats"], _ = features.text_features(model, texts, tokenize, tok_id, cache_dir, mesh=mesh,
+                                                     batch_size=_eval_batch(cfg, mesh), progress=progress)
+    else:
+        kw["tokenize"] = tokenize
+    return Batches(dataset, batch_size, seed=cfg.seed, train=train, num_workers=cfg.num_workers,
+                   prefetch=cfg.prefetch_batches, process_index=jax.process_index(),
+                   process_count=jax.process_count(), **kw)
+
+
+def _eval_batch(cfg, mesh) -> int:
+    n = mesh.shape[parallel.AXIS]
+    return -(-cfg.eval_batch_size // n) * n
+
+
+def _resolve_synthetic(cfg: TrainConfig, workdir: Path) -> TrainConfig:
+    if not cfg.synthetic_examples or cfg.train_data:
+        return cfg
+    from koclip.train import synthetic
+
+    paths = synthetic.make(workdir / "data", cfg.synthetic_examples, seed=cfg.seed)
+    return cfg.replace(train_data=str(paths["train"]), val_data=str(paths["val"]),
+                       tokenizer=cfg.tokenizer or str(paths["tokenizer"]))
+
+
+def _check_compatible(meta: dict, expect: dict, directory) -> None:
+    diff = {k: (meta.get(k), v) for k, v in expect.items() if meta.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise KoclipError(f"{directory}: the checkpoint was written by a run with other settings ({shown}); "
+                          "use a new --workdir or the original settings")
+
+
+def train_and_evaluate(cfg: TrainConfig, workdir, *, model: KoCLIP | None = None, processor=None) -> dict:
+    """Trains per `cfg`, resuming from WORKDIR/checkpoints if any; returns a summary dict.
+
+    `model` and `processor`: a model built in Python to train instead of the one
+    `cfg.model` names (a resumed run must pass the same one again).
+    Writes WORKDIR/metrics.jsonl, WORKDIR/tb/ (TensorBoard), WORKDIR/checkpoints/
+    (orbax), WORKDIR/summary.json and the final model in koclip's format
+    (WORKDIR/model unless `export_dir`).
+    """
+    from tqdm import tqdm
+
+    from koclip.formats import checkpoints as koclip_checkpoints
+    from koclip.train.checkpointing import Checkpointer
+    from koclip.train.writers import MetricWriter
+
+    t_start = time.perf_counter()
+    parallel.maybe_initialize_distributed()
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = _resolve_synthetic(cfg, workdir)
+    lead = jax.process_index() == 0
+    if lead:
+        (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
+    mesh = parallel.make_mesh()
+    n_dev = mesh.shape[parallel.AXIS]
+    global_batch = cfg.batch_size_per_device * n_dev
+    progress = cfg.progress and lead
+    log.info("%d device(s) (%s), %d process(es), global batch %d", n_dev, jax.devices()[0].platform,
+             jax.process_count(), global_batch)
+
+    if model is None:
+        model, processor = build_model(cfg)
+    elif processor is None:
+        raise KoclipError("train_and_evaluate(model=...) needs its processor too")
+    train_ds, val_ds = load_datasets(cfg)
+    read_skips = sum(train_ds.skipped.values()) + (sum(val_ds.skipped.values()) if val_ds is not None else 0)
+    if read_skips:
+        log.warning("skipped %d unusable rows while reading (train %s, val %s)", read_skips,
+                    dict(train_ds.skipped), dict(val_ds.skipped) if val_ds is not None else {})
+    cache_dir = Path(cfg.feature_cache) if cfg.feature_cache else workdir / "features"
+    batch_kw = dict(mesh=mesh, cache_dir=cache_dir, progress=progress)
+    train_batches = make_batches(cfg, model, processor, train_ds, global_batch, train=True, **batch_kw)
+    val_batches = (make_batches(cfg, model, processor, val_ds, _eval_batch(cfg, mesh), train=False, **batch_kw)
+                   if val_ds is not None and len(val_ds) else None)
+
+    spe = train_batches.steps_per_epoch
+    total = cfg.num_epochs * spe
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    updates = max(1, total // cfg.grad_accum_steps)
+    tx = make_optimizer(cfg, updates)
+    schedule = learning_rate_schedule(cfg, updates)
+    graphdef, state = create_train_state(model, cfg, tx)
+    del model
+    shardings = parallel.state_shardings(state, mesh, cfg.shard_params_min_size)
+    state = jax.device_put(state, shardings)
+    opts = StepOptions.from_config(cfg, n_dev)
+    p_train = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, opts=opts),
+                      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    p_eval = jax.jit(functools.partial(eval_step, graphdef=graphdef, opts=opts))
+    n_train = sum(x.size for x in jax.tree.leaves(state.params))
+    n_frozen = sum(x.size for x in jax.tree.leaves(state.frozen))
+    log.info("%d examples, %d steps per epoch, %d steps; %.2fM trainable, %.2fM frozen parameters",
+             len(train_ds), spe, total, n_train / 1e6, n_frozen / 1e6)
+
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    expect = {"seed": cfg.seed, "global_batch": global_batch, "steps_per_epoch": spe,
+              "train_data": cfg.train_data, "features": cfg.features}
+    start, last_good = 0, None
+    if ckpt.latest_step() is not None:
+        tree, meta = ckpt.restore(state.checkpoint_tree())
+        _check_compatible(meta, expect, ckpt.directory)
+        state = state.replace(**tree)
+        start = last_good = int(tree["step"])
+        log.info("resumed from step %d (epoch %d) in %s", start, start // spe, ckpt.directory)
+    writer = MetricWriter(workdir, enabled=lead)
+    bar = tqdm(total=total, initial=start, desc="train", disable=not progress, unit="step")
+    step, pending, timed_from = start, None, start
+    last_loss = float("nan")
+    train_seconds, timed_steps = 0.0, 0
+    val_metrics: dict = {}
+
+    def check(item):
+        # Reading a loss waits for its step; checking one step behind keeps the device busy.
+        nonlocal last_loss
+        if item is None:
+            return
+        s, m = item
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+            where = (f"step {last_good} in {ckpt.directory}" if last_good is not None
+                     else "none (no checkpoint was saved yet)")
+            raise DivergedError(f"loss became {loss} at step {s} (epoch {(s - 1) // spe}); training stopped. "
+                                f"Last good checkpoint: {where}. Lower learning_rate (now {cfg.learning_rate:g}) "
+                                "or raise warmup_steps, then run again to resume.")
+        last_loss = loss
+
+    def save(s):
+        nonlocal last_good
+        if not bool(_all_finite(state.params)):
+            raise DivergedError(f"parameters hold NaN or inf after step {s}; training stopped without saving. "
+                                f"Last good checkpoint: step {last_good} in {ckpt.directory}.")
+        ckpt.save(s, state.checkpoint_tree(), {**expect, "step": s, "epoch": s // spe,
+                                               "bad_images": len(train_batches.bad_images)})
+        last_good = s
+
+    def run_eval(s):
+        nonlocal val_metrics
+        if val_batches is None:
+            return
+        t = time.perf_counter()
+        val_metrics = evaluate(p_eval, state, val_batches, mesh)
+        writer.write(s, {**val_metrics, "epoch": s / spe})
+        log.info("step %d: %s (%.1f s)", s, " ".join(f"{k}={v:.4f}" for k, v in val_metrics.items()),
+                 time.perf_counter() - t)
+
+    try:
+        while step < total:
+            epoch, pos = divmod(step, spe)
+            t_mark = time.perf_counter()
+            for batch in train_batches(epoch, pos):
+                state, metrics = p_train(state, parallel.global_batch(batch, mesh))
+                step += 1
+                check(pending)
+                pending = (step, metrics)
+                bar.update(1)
+                if step == start + 1:  # the first step compiles: time from the end of it
+                    check(pending)
+                    pending, t_mark = None, time.perf_counter()
+                    timed_from = step
+                last, epoch_end = step == total, step % spe == 0
+                log_now = last or step % cfg.log_every_steps == 0
+                save_now = last or step % cfg.checkpoint_every_steps == 0
+                eval_now = last or (step % cfg.eval_every_steps == 0 if cfg.eval_every_steps else epoch_end)
+                if not (log_now or save_now or eval_now or epoch_end):
+                    continue
+                check(pending)
+                pending = None
+                if step > timed_from:  # time spent training since the last pause, excluding the pauses
+                    train_seconds += time.perf_counter() - t_mark
+                    timed_steps += step - timed_from
+                if log_now:
+                    lr = float(schedule(max(0, step - 1) // cfg.grad_accum_steps))
+                    m = {k: float(v) for k, v in metrics.items()}
+                    writer.write(step, {**m, "lr": lr, "epoch": step / spe,
+                                        "bad_images": len(train_batches.bad_images)})
+                    bar.set_postfix(loss=f"{m['loss']:.4f}")
+                if save_now:
+                    save(step)
+                if eval_now:
+                    run_eval(step)
+                if epoch_end and train_batches.bad_images:
+                    log.warning("epoch %d: %d undecodable images skipped so far", epoch,
+                                len(train_batches.bad_images))
+                t_mark, timed_from = time.perf_counter(), step
+                if step >= total:
+                    break
+        check(pending)
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+
+    export_dir = Path(cfg.export_dir) if cfg.export_dir else workdir / "model"
+    if lead:
+        model = nnx.merge(graphdef, to_host(state.params["model"]), to_host(state.frozen))
+        koclip_checkpoints.save(model, export_dir)
+        try:
+            processor.tokenizer.save_pretrained(str(export_dir))
+        except (AttributeError, NotImplementedError, OSError, TypeError, ValueError) as e:
+            log.warning("the tokenizer was not saved with the model (%s); loading will use %r", e,
+                        model.config.tokenizer)
+    bad = read_skips + len(train_batches.bad_images) + (len(val_batches.bad_images) if val_batches else 0)
+    if cfg.features in ("image", "both"):
+        bad += int((~train_batches.image_ok).sum())
+    summary = {
+        "steps": step, "resumed_from": start, "epochs": step / spe,
+        "final_loss": last_loss if math.isfinite(last_loss) else None,  # None: no step ran in this call
+        "samples_per_s": timed_steps * global_batch / train_seconds if train_seconds else None,
+        "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t_start,
+        "global_batch": global_batch, "devices": n_dev, "bad_rows": bad,
+        "export_dir": str(export_dir), **val_metrics,
+    }
+    if lead:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
