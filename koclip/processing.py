@@ -68,9 +68,10 @@ def clean_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
 def load_tokenizer(name: str, directory: Path | None = None):
     """A transformers tokenizer: from `directory` when it holds tokenizer files, else `name`
     (a hub id resolved through koclip.hub, a local path, or "e5" for the bundled e5 tokenizer)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
+    # transformers' auto classes import torch when it is installed (seconds): import only what is used.
     if directory is not None and (Path(directory) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
         return PreTrainedTokenizerFast(tokenizer_file=str(Path(directory) / "tokenizer.json"),
                                        **_special_tokens(Path(directory)))
     if name == "e5":
@@ -80,6 +81,8 @@ def load_tokenizer(name: str, directory: Path | None = None):
     from koclip import hub
 
     local = hub.resolve(name, weights=False, label=f"tokenizer {name}")
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(str(local))
     except (OSError, ValueError) as e:
