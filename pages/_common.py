@@ -1,0 +1,255 @@
+"""Streamlit pieces the pages share: the cached model, the image input, the score chart, the error guard.
+
+Model code stays in koclip (koclip.app_support); this module only wires it to widgets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+
+import streamlit as st
+
+from koclip import app_support
+from koclip.errors import KoclipError
+
+log = logging.getLogger("koclip.app")
+
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp", "gif"]
+MAX_UPLOAD_MB = 20
+# Decoded size cap for uploads and URLs: a 5000x5000 photo passes, a decompression bomb does not.
+MAX_PIXELS = 25_000_000
+SOURCES = ("샘플 사진 / Sample photo", "업로드 / Upload", "URL")
+MODEL_KEY = "model"  # session state: the model picked in the sidebar
+# Process-wide: which models this server has loaded, for the sidebar (name -> LoadInfo).
+LOADED: dict = {}
+
+
+# ---------------------------------------------------------------- the frame
+
+_FRAME = threading.local()
+
+
+@contextlib.contextmanager
+def frame():
+    """app.py runs the selected page inside this, so pages can tell they were routed by it."""
+    _FRAME.active = True
+    try:
+        yield
+    finally:
+        _FRAME.active = False
+
+
+def ensure_frame() -> None:
+    """Called first by every page: reruns through app.py when a page was run without it.
+
+    Because this folder is called pages/, Streamlit's old multipage mode runs a page file
+    on its own (no sidebar, no model picker) when a server's very first request is for a
+    page's URL, and AppTest does so on every rerun.  Switching that mode off, as
+    st.navigation itself does, and rerunning sends the request through app.py.
+    """
+    if getattr(_FRAME, "active", False):
+        return
+    from streamlit.runtime.pages_manager import PagesManager
+
+    PagesManager.uses_pages_directory = False
+    st.rerun()
+
+
+# ---------------------------------------------------------------- the model
+
+@st.cache_resource(show_spinner=False)
+def default_choice() -> app_support.ModelChoice:
+    """Decided once per server process (the hub probe takes up to 3 s)."""
+    return app_support.choose_default_model()
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _engine(name: str) -> app_support.Engine:
+    # One Engine per model name for all sessions; Streamlit holds a per-key lock while
+    # this runs, so two sessions asking at once load the model once.
+    return app_support.load_engine(name)
+
+
+def model_name() -> str:
+    """The model picked in the sidebar (or the default before the sidebar has run)."""
+    return st.session_state.get(MODEL_KEY) or default_choice().name
+
+
+def engine() -> app_support.Engine:
+    """The shared Engine of the selected model, loading it (with a spinner) on first use."""
+    name = model_name()
+    with st.spinner(f"모델 {name} 불러오는 중… / Loading {name}…"):
+        e = _engine(name)
+    LOADED[name] = e.info
+    return e
+
+
+# ---------------------------------------------------------------- errors
+
+@contextlib.contextmanager
+def guard(what: str):
+    """Shows a KoclipError's message, and any other error as a friendly message plus a log
+    line, instead of a traceback.  Streamlit's own rerun/stop signals pass through (BaseException)."""
+    from koclip.errors import FetchError, ImageError, OfflineError
+
+    try:
+        yield
+    except KoclipError as e:
+        # Library messages are in English; say in Korean what kind of problem it is.
+        prefix = {FetchError: "URL에서 이미지를 가져오지 않았습니다. / ", ImageError: "이미지를 읽을 수 없습니다. / ",
+                  OfflineError: "모델을 불러올 수 없습니다. / "}.get(type(e), "")
+        st.error(prefix + str(e), icon=":material/error:")
+    except Exception:  # noqa: BLE001 - the page must keep working; the log has the traceback
+        log.exception("unexpected error in %s", what)
+        st.error("예상하지 못한 오류가 났습니다. 입력을 바꿔 다시 해 보세요. / Something went wrong; "
+                 "try another input. (자세한 내용은 서버 로그에 있습니다 / details are in the server log)",
+                 icon=":material/error:")
+
+
+# ---------------------------------------------------------------- image input
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _sample(path: str):
+    from koclip.images import open_image
+
+    return open_image(path)
+
+
+@st.cache_data(show_spinner=False, ttl=600, max_entries=32)
+def _fetch(url: str) -> bytes:
+    from koclip.fetch import fetch_url
+
+    return fetch_url(url)
+
+
+def image_input(key: str, default_sample: str = "cat_chelsea.jpg", preview: bool = True):
+    """A sample photo, an upload or a URL -> (RGB PIL image, cache key), or None while there is none.
+
+    preview: show the image under the input.
+
+    Raises ImageError / FetchError (shown by `guard`) for files that are not images, too
+    large, corrupt, or URLs that are refused.
+    """
+    from koclip.data import gallery
+    from koclip.images import open_image
+
+    source = st.radio("이미지 / Image", SOURCES, horizontal=True, key=f"{key}_source")
+    if source == SOURCES[0]:
+        photos = gallery()
+        names = [p.path.name for p in photos]
+        choice = st.selectbox(
+            "샘플 사진 / Sample photo", names, key=f"{key}_sample",
+            index=names.index(default_sample) if default_sample in names else 0,
+            format_func=lambda n: f"{photos[names.index(n)].label_ko} / {photos[names.index(n)].label_en} ({n})")
+        path = photos[names.index(choice)].path
+        image, cache_key, caption, shown = _sample(str(path)), f"sample:{choice}", choice, str(path)
+    elif source == SOURCES[1]:
+        upload = st.file_uploader("이미지 파일 (PNG, JPEG, WebP, GIF) / Image file", type=UPLOAD_TYPES,
+                                  key=f"{key}_upload", max_upload_size=MAX_UPLOAD_MB)
+        if upload is None:
+            st.info("이미지를 올려 주세요. / Upload an image.")
+            return None
+        data = upload.getvalue()
+        # Decoded once per upload and kept in this session: a big JPEG takes ~100 ms to decode.
+        kept = st.session_state.get(f"{key}_decoded")
+        if kept is None or kept[0] != upload.file_id:
+            kept = (upload.file_id, open_image(data, max_pixels=MAX_PIXELS, name=upload.name))
+            st.session_state[f"{key}_decoded"] = kept
+        image = kept[1]
+        cache_key, caption, shown = "upload:" + upload.file_id, upload.name, data
+    else:
+        url = st.text_input("이미지 URL / Image URL", key=f"{key}_url",
+                            placeholder="https://example.com/photo.jpg").strip()
+        if not url:
+            st.info("http(s) 이미지 주소를 입력하세요. / Enter an http(s) image address.")
+            return None
+        data = _fetch(url)
+        image = open_image(data, max_pixels=MAX_PIXELS, name=url[:200])
+        cache_key, caption, shown = "url:" + hashlib.sha256(data).hexdigest(), url, data
+    if preview:
+        # The file's own bytes (or path): re-encoding the decoded image on every rerun costs tens of ms.
+        st.image(shown if _browser_can_show(shown) else image, caption=f"{caption} · {image.width}×{image.height}", width=min(image.width, 480))
+    else:
+        st.caption(f"{caption} · {image.width}×{image.height}")
+    return image, cache_key
+
+
+def _browser_can_show(data) -> bool:
+    """A path, or bytes in a format every browser displays (JPEG, PNG, GIF, WebP)."""
+    if isinstance(data, str):
+        return True
+    head = bytes(data[:12])
+    return head.startswith((b"\xff\xd8\xff", b"\x89PNG", b"GIF8")) or (head[:4] == b"RIFF" and head[8:] == b"WEBP")
+
+
+# ---------------------------------------------------------------- results
+
+def score_chart(ranked, softmax: bool) -> None:
+    """Labels best first as a horizontal bar chart with the value on each bar, plus a text line."""
+    import altair as alt
+    import pandas as pd
+
+    if softmax:
+        values = [f"{r.score * 100:.1f}%" if r.score >= 0.0005 else "<0.1%" for r in ranked]
+        axis = alt.X("score:Q", title="확률 / probability", scale=alt.Scale(domain=[0, 1]),
+                     axis=alt.Axis(format="%"))
+    else:
+        values = [f"{r.score:.3f}" for r in ranked]
+        axis = alt.X("score:Q", title="코사인 유사도 / cosine similarity")
+    df = pd.DataFrame({"label": [r.label for r in ranked], "score": [r.score for r in ranked],
+                       "value": values})
+    base = alt.Chart(df).encode(y=alt.Y("label:N", sort=None, title=None, axis=alt.Axis(labelFontSize=14)),
+                                x=axis, tooltip=["label", "value"])
+    chart = base.mark_bar(color="#e4572e") + base.mark_text(align="left", dx=4, fontSize=13).encode(text="value:N")
+    # Right padding: the value written after a full-length bar must not be cut off.
+    st.altair_chart(chart.properties(height=36 * len(ranked) + 40, padding={"right": 56}), width="stretch")
+    st.markdown("  \n".join(f"{i}. **{r.label}** — {v}" for i, (r, v) in enumerate(zip(ranked, values), 1)))
+
+
+def gallery(engine: app_support.Engine, folder: str | None):
+    """The engine's index over `folder` (None: the bundled gallery), built with a progress bar on first use."""
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        text = f"갤러리 색인 중 / Indexing the gallery: {done}/{total}"
+        if bar is None:
+            bar = st.progress(0.0, text=text)
+        bar.progress(done / max(total, 1), text=text)
+
+    g = engine.gallery(folder, progress=progress)
+    if bar is not None:
+        bar.empty()
+    return g
+
+
+def patch_table(ranked):
+    """rank_patches' output -> a table: rank, row, column, score, box."""
+    import pandas as pd
+
+    from koclip.patches import grid_positions
+
+    pos = grid_positions(ranked)
+    return pd.DataFrame({"순위 / rank": [p.rank for p in ranked],
+                         "행 / row": [r for r, _ in pos], "열 / column": [c for _, c in pos],
+                         "점수 / score": [round(p.score, 4) for p in ranked],
+                         "상자 / box (l, t, r, b)": [str(p.box) for p in ranked]})
+
+
+def cell_name(patch, ranked) -> str:
+    from koclip.patches import grid_positions
+
+    row, col = grid_positions([patch, *ranked])[0]
+    return f"{row}행 {col}열 / row {row}, column {col}"
+
+
+def custom_galleries_allowed() -> bool:
+    """Galleries from server paths: on by default locally, off on a Hugging Face Space (SPACE_ID set),
+    where anyone could otherwise read and index folders of the server; KOCLIP_ALLOW_GALLERY_PATH=1 forces on."""
+    if os.environ.get("KOCLIP_ALLOW_GALLERY_PATH", "").strip() == "1":
+        return True
+    return not os.environ.get("SPACE_ID")

@@ -1,0 +1,43 @@
+"""Image to text: zero-shot classification of one image over labels typed in Korean."""
+
+import streamlit as st
+
+from koclip import app_support
+from koclip.processing import DEFAULT_TEMPLATE, KOREAN_TEMPLATES
+from pages import _common as ui
+
+ui.ensure_frame()
+
+DEFAULT_LABELS = "고양이\n강아지\n자동차\n커피\n산"
+
+st.title("이미지 → 텍스트 / Image to text")
+st.caption("사진을 고르고 라벨을 한 줄에 하나씩 적으면, 모델이 라벨을 점수순으로 정렬합니다. / "
+           "Pick a photo and type labels, one per line; the model ranks them.")
+
+with ui.guard("image to text"):
+    left, right = st.columns([1, 1], gap="large")
+    with right:
+        labels_text = st.text_area("라벨 (한 줄에 하나) / Labels, one per line", DEFAULT_LABELS, height=170,
+                                   key="i2t_labels")
+        use_template = st.checkbox("프롬프트 템플릿 사용 / Use a prompt template", value=True, key="i2t_use_template")
+        template = st.text_input("템플릿 ({} 자리에 라벨) / Template ({} is the label)", DEFAULT_TEMPLATE,
+                                 disabled=not use_template, key="i2t_template")
+        ensemble = st.checkbox("프롬프트 앙상블 / Prompt ensembling", value=False, key="i2t_ensemble",
+                               help="여러 한국어 템플릿의 평균 / average over these templates: "
+                                    + ", ".join(f"`{t}`" for t in KOREAN_TEMPLATES))
+        softmax = st.checkbox("소프트맥스 (확률로 보기) / Softmax (show probabilities)", value=True,
+                              key="i2t_softmax", help="끄면 코사인 유사도 / off: cosine similarities")
+    with left:
+        picked = ui.image_input("i2t")
+    with right:
+        labels, repeated, blanks = app_support.prepare_labels(labels_text)
+        if repeated or blanks:
+            parts = ([f"중복 / repeated: {', '.join(repeated)}"] if repeated else []) + \
+                    ([f"빈 줄 / blank lines: {blanks}"] if blanks else [])
+            st.info("제외한 라벨 / Dropped: " + "; ".join(parts))
+        if picked is not None:
+            image, key = picked
+            ranked = ui.engine().classify(image, labels, template=template if use_template else None,
+                                          ensemble=ensemble, softmax=softmax, image_key=key)
+            st.subheader("결과 / Result")
+            ui.score_chart(ranked, softmax)
