@@ -14,10 +14,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-# Debian's Chromium for the end-to-end browser test (skipped with a notice where it cannot be installed).
+# Debian's Chromium and a Korean font for the end-to-end browser test (skipped with a notice where it cannot be installed).
 browser:
 	@command -v chromium >/dev/null || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ) || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-nanum >/dev/null) ) || \
 	  echo "note: chromium not installed; the browser test will be skipped"
 
 demo: venv
