@@ -63,10 +63,12 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_env(request):
+def run_env(request, tmp_path_factory):
     # Compiled programs are kept in pytest's cache folder: later runs (and sessions) skip XLA compiles.
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    cache_dir = cache.mkdir("jax_compilation_cache") if cache else tmp_path_factory.mktemp("jax_cache")
     env = dict(os.environ)
-    env.update(JAX_COMPILATION_CACHE_DIR=str(request.config.cache.mkdir("jax_compilation_cache")),
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
