@@ -204,8 +204,12 @@ class ModelConfig:
     projection_dim: int = 512
     logit_scale_init: float = math.log(1 / 0.07)
     # "linear": bias-free projections (CLIP, KoCLIP).  "affine": projections
-    # with a bias, for heads fitted on centred features (koclip-mini).
+    # with a bias, for heads fitted on centred features.  "conse": koclip-mini's
+    # blend of a ridge map and ConSE over the CNN's classes (koclip.mini.heads);
+    # its joint space is twice the text width.
     head: str = "linear"
+    # For head "conse": how many of the CNN's top classes make an image embedding.
+    conse_top_k: int = 10
     # Name of a preprocessing preset in koclip.images.PRESETS.
     preprocess: str = "clip"
     # Tokenizer: a hub id or a local path understood by transformers'
@@ -215,8 +219,17 @@ class ModelConfig:
     text_prefix: str = ""
 
     def __post_init__(self):
-        if self.head not in ("linear", "affine"):
-            raise CheckpointError(f"unknown head {self.head!r}; valid: linear, affine")
+        if self.head not in ("linear", "affine", "conse"):
+            raise CheckpointError(f"unknown head {self.head!r}; valid: linear, affine, conse")
+        if self.head == "conse":
+            if self.vision.kind != "efficientnet":
+                raise CheckpointError(f"head 'conse' needs an image tower with a classifier (efficientnet), "
+                                      f"not {self.vision.kind!r}")
+            if self.projection_dim != 2 * self.text.output_dim:
+                raise CheckpointError(f"head 'conse' needs projection_dim = 2 x text width = "
+                                      f"{2 * self.text.output_dim}, got {self.projection_dim}")
+            if self.conse_top_k < 1:
+                raise CheckpointError(f"conse_top_k must be >= 1, got {self.conse_top_k}")
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -245,7 +258,7 @@ class ModelConfig:
             logit_scale_init=d.get("logit_scale_init_value", math.log(1 / 0.07)),
         )
         koclip = d.get("koclip", {})
-        for key in ("head", "preprocess", "tokenizer", "max_length", "text_prefix"):
+        for key in ("head", "preprocess", "tokenizer", "max_length", "text_prefix", "conse_top_k"):
             if key in koclip:
                 kw[key] = koclip[key]
         if "preprocess" not in koclip:
@@ -254,7 +267,7 @@ class ModelConfig:
         return cls(**kw)
 
     def to_hf(self) -> dict:
-        return {
+        d = {
             "model_type": "koclip",
             "projection_dim": self.projection_dim,
             "logit_scale_init_value": self.logit_scale_init,
@@ -268,6 +281,9 @@ class ModelConfig:
                 "text_prefix": self.text_prefix,
             },
         }
+        if self.head == "conse":
+            d["koclip"]["conse_top_k"] = self.conse_top_k
+        return d
 
 
 # Published architectures, and tiny variants for tests.

@@ -292,7 +292,13 @@ VIT = ImagePreprocess(
     size=224, resize="exact", crop=False, resample="bilinear",
     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
-PRESETS: dict[str, ImagePreprocess] = {"clip": CLIP, "vit": VIT}
+# EfficientNet-Lite's TF evaluation preprocessing (koclip-mini): the same values as
+# koclip.towers.efficientnet.IMAGENET_PREPROCESS, which explains them (tests keep the two equal).
+IMAGENET_LITE0 = ImagePreprocess(
+    size=224, resize="shortest", crop=True, resample="bicubic",
+    mean=(127.0 / 255.0,) * 3, std=(128.0 / 255.0,) * 3, resize_size=256)
+
+PRESETS: dict[str, ImagePreprocess] = {"clip": CLIP, "vit": VIT, "imagenet-lite0": IMAGENET_LITE0}
 
 
 def _resize_shape(width: int, height: int, spec: ImagePreprocess) -> tuple[int, int]:

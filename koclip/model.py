@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from koclip import towers
+from koclip.compile_cache import model_jit
 from koclip.config import ModelConfig
 
 # How many times each jitted entry point was traced (= compiled): tests count these.
@@ -34,17 +35,26 @@ class KoCLIP(nnx.Module):
         self.config = config
         self.text_model = towers.build(config.text, rngs)
         self.vision_model = towers.build(config.vision, rngs)
-        bias = config.head == "affine"
-        init = nnx.initializers.normal(0.02)
-        self.text_projection = nnx.Linear(config.text.output_dim, config.projection_dim, use_bias=bias,
-                                          kernel_init=init, rngs=rngs)
-        self.visual_projection = nnx.Linear(config.vision.output_dim, config.projection_dim, use_bias=bias,
-                                            kernel_init=init, rngs=rngs)
+        if config.head == "conse":
+            from koclip.mini.heads import ImageHead, TextHead
+
+            self.text_projection = TextHead(config.text.output_dim)
+            self.visual_projection = ImageHead(config.vision.output_dim, self.vision_model.config.num_classes,
+                                               config.text.output_dim, config.conse_top_k)
+        else:
+            bias = config.head == "affine"
+            init = nnx.initializers.normal(0.02)
+            self.text_projection = nnx.Linear(config.text.output_dim, config.projection_dim, use_bias=bias,
+                                              kernel_init=init, rngs=rngs)
+            self.visual_projection = nnx.Linear(config.vision.output_dim, config.projection_dim, use_bias=bias,
+                                                kernel_init=init, rngs=rngs)
         self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init, jnp.float32))
 
     def image_features(self, pixel_values):
         """Projected, unnormalised image features (n, projection_dim)."""
         _, pooled = self.vision_model(pixel_values)
+        if self.config.head == "conse":  # the head also reads the CNN's class scores
+            return self.visual_projection(pooled, self.vision_model.classify(pooled))
         return self.visual_projection(pooled)
 
     def text_features(self, input_ids, attention_mask):
@@ -99,13 +109,14 @@ def _bucketed(fn, model, *arrays):
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
 
 
-@nnx.jit
+# model_jit, not nnx.jit: nnx.jit re-walks the module graph on every call (see compile_cache).
+@model_jit
 def _encode_image_jit(model: KoCLIP, pixel_values):
     TRACES["encode_image"] += 1
     return l2_normalize(model.image_features(pixel_values).astype(jnp.float32))
 
 
-@nnx.jit
+@model_jit
 def _encode_text_jit(model: KoCLIP, input_ids, attention_mask):
     TRACES["encode_text"] += 1
     return l2_normalize(model.text_features(input_ids, attention_mask).astype(jnp.float32))
