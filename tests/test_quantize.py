@@ -1,0 +1,270 @@
+"""koclip.quantize (bf16 / int8 matmul layers) against float32, and koclip.compile_cache.
+
+Quality gates, the bar a precision must clear to be picked by `precision="auto"`:
+every gallery photo's and every zero-shot label's embedding keeps cosine >= 0.995
+to float32, and zero-shot top-1 predictions agree with float32 on >= 99% of the
+photos.  Photos whose float32 top-1 beats the runner-up by less than TIE (in
+cosine) are ties, not counted: koclip-mini has one photo at a margin of 1.5e-6,
+which any change of rounding (even of batch size) may flip.
+
+The tiny parity checkpoints have random weights, and the tiny tokenizer turns most
+label words into [UNK], so many labels share one embedding: there only the cosine
+gate means something.  Agreement is tested on koclip-mini's real weights.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import koclip
+from koclip import compile_cache, data
+from koclip import model as model_lib
+from koclip.config import TINY
+from koclip.errors import CheckpointError, KoclipError
+from koclip.model import KoCLIP
+from koclip.quantize import (Bf16Linear, Int8Linear, PatchDense, auto_mode, auto_plan, count_replaced,
+                             precision_of, quantize)
+
+PARITY = Path(__file__).resolve().parent / "fixtures" / "parity"
+COSINE_GATE = 0.995
+AGREEMENT_GATE = 0.99
+TIE = 1e-3
+KO = [ko for ko, _ in data.ZEROSHOT_LABELS]
+EN = [en for _, en in data.ZEROSHOT_LABELS]
+
+
+def rows_cosine(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [p.path for p in data.gallery()]
+
+
+@pytest.fixture(scope="module")
+def tiny_once():
+    return KoCLIP(TINY, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture
+def tiny(tiny_once):
+    """A fresh copy (new Variables, shared arrays) that a test may change."""
+    return quantize(tiny_once, "fp32")
+
+
+# ---------------------------------------------------------------- layers
+
+@pytest.mark.parametrize("cls, tol", [(Int8Linear, 0.02), (Bf16Linear, 0.01)])
+def test_low_precision_linear_is_close_to_the_float_linear(cls, tol):
+    linear = nnx.Linear(64, 48, rngs=nnx.Rngs(0))
+    linear.bias[...] = np.linspace(-1, 1, 48, dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((5, 7, 64)).astype(np.float32)
+    want = np.asarray(linear(x))
+    got = np.asarray(cls(linear.kernel[...], linear.bias[...])(x))
+    assert got.shape == want.shape
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
+
+
+def test_int8_linear_gives_zero_for_an_all_zero_row():
+    layer = Int8Linear(np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
+    y = np.asarray(layer(np.zeros((2, 16), np.float32)))
+    assert np.all(np.isfinite(y)) and np.all(y == 0)
+
+
+def test_patch_dense_matches_the_strided_convolution_and_drops_the_ragged_edge():
+    conv = nnx.Conv(3, 32, (8, 8), strides=(8, 8), padding="VALID", use_bias=False, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(1).standard_normal((2, 36, 34, 3)).astype(np.float32)
+    want = np.asarray(conv(x))
+    kernel = conv.kernel[...].reshape(-1, 32)
+    got = np.asarray(PatchDense((8, 8), Bf16Linear(kernel))(x))
+    assert got.shape == want.shape == (2, 4, 4, 32)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01
+
+
+# ---------------------------------------------------------------- the transformation
+
+def test_quantize_swaps_every_matmul_layer_and_leaves_the_original_alone(tiny):
+    q = quantize(tiny, "int8")
+    assert isinstance(q.vision_model.encoder.layers[1].mlp.fc2, Int8Linear)
+    assert isinstance(q.text_model.encoder.layer[0].attention.self.query, Int8Linear)
+    assert isinstance(q.vision_model.embeddings.patch_embedding, PatchDense)
+    # The tiny projections (32 x 16 = 512 weights) are below MIN_WEIGHTS and stay float32.
+    assert isinstance(q.text_projection, nnx.Linear)
+    assert precision_of(q) == "int8" and precision_of(tiny) == "fp32"
+    assert count_replaced(tiny) == 0
+    assert isinstance(tiny.vision_model.encoder.layers[1].mlp.fc2, nnx.Linear)
+
+
+def test_exclude_keeps_matching_layers_in_float32(tiny):
+    q = quantize(tiny, "bf16", exclude=r"^text_model/")
+    assert count_replaced(q.text_model) == 0
+    assert count_replaced(q.vision_model) > 0
+
+
+def test_unknown_mode_names_the_valid_ones(tiny):
+    with pytest.raises(KoclipError, match="int4.*bf16, int8, fp32"):
+        quantize(tiny, "int4")
+
+
+def test_load_rejects_an_unknown_precision(parity_fixture):
+    with pytest.raises(CheckpointError, match="'fp16'.*fp32, bf16, int8, auto"):
+        koclip.load(str(parity_fixture("dual_clip_safetensors")), precision="fp16")
+
+
+def test_auto_keeps_an_efficientnet_image_tower_in_float32():
+    from koclip.config import ModelConfig, VisionConfig
+
+    config = ModelConfig(text=TINY.text, vision=VisionConfig(kind="efficientnet", patch_size=1, variant="lite0"))
+    mode, exclude = auto_plan(config, "cpu", frozenset({"avx512_bf16"}))
+    assert mode == "bf16"
+    for kept in ("vision_model/blocks/0/expand_conv", "vision_model/conv_head", "visual_projection"):
+        assert re.search(exclude, kept)
+    assert not re.search(exclude, "text_model/encoder/layer/0/intermediate/dense")
+    assert auto_plan(TINY, "cpu", frozenset({"avx512_bf16"})) == ("bf16", None)
+
+
+def test_auto_picks_bf16_only_on_cpus_with_bf16_dot_instructions():
+    assert auto_mode("cpu", frozenset({"avx2", "avx512_bf16"})) == "bf16"
+    assert auto_mode("cpu", frozenset({"avx2", "amx_bf16"})) == "bf16"
+    assert auto_mode("cpu", frozenset({"avx2", "avx512_vnni"})) == "fp32"
+    assert auto_mode("gpu", frozenset({"avx512_bf16"})) == "fp32"
+
+
+# ---------------------------------------------------------------- quality gates, tiny checkpoint
+
+@pytest.fixture(scope="module")
+def parity_embeddings(photos):
+    """fp32 / bf16 / int8 embeddings of the gallery photos and the Korean and English labels."""
+    import jax
+
+    checkpoint = str(PARITY / "dual_clip_safetensors")
+    _, processor = koclip.load(checkpoint)
+    pixels = processor(images=photos)["pixel_values"]
+    # Korean and English prompts in one batch: one compile per precision, not one per bucket.
+    tokens = processor(text=koclip.apply_template(KO) + koclip.apply_template(EN, "a photo of a {}."))
+    encode = jax.jit(lambda m, px, ids, mask: (m.encode_image(px), m.encode_text(ids, mask)))
+    out = {}
+    for precision in ("fp32", "bf16", "int8", "auto"):
+        model, _ = koclip.load(checkpoint, precision=precision)
+        zimg, ztxt = (np.asarray(z) for z in encode(model, pixels, tokens["input_ids"], tokens["attention_mask"]))
+        out[precision] = {"images": zimg, "ko": ztxt[:len(KO)], "en": ztxt[len(KO):]}
+    return out
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "auto"])
+@pytest.mark.parametrize("part", ["images", "ko", "en"])
+def test_every_embedding_keeps_cosine_gate_on_the_tiny_checkpoint(parity_embeddings, precision, part):
+    cos = rows_cosine(parity_embeddings[precision][part], parity_embeddings["fp32"][part])
+    assert cos.min() >= COSINE_GATE, f"{precision} {part}: worst cosine {cos.min():.5f} at row {cos.argmin()}"
+
+
+# ---------------------------------------------------------------- quality gates, real weights
+
+@pytest.fixture(scope="module")
+def mini():
+    try:
+        return koclip.load("koclip-mini")
+    except Exception as e:  # noqa: BLE001 - still being built by another engineer; its own tests cover loading
+        pytest.skip(f"koclip-mini is not loadable yet: {type(e).__name__}: {e}")
+
+
+def agreement(s0, s):
+    """Share of rows whose top-1 in `s` matches `s0`'s, over rows whose `s0` top-1 is no tie."""
+    top2 = np.sort(s0, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] >= TIE
+    return np.mean(s0.argmax(-1)[clear] == s.argmax(-1)[clear])
+
+
+@pytest.mark.slow
+def test_auto_precision_keeps_the_quality_gates_on_koclip_mini(mini, photos):
+    model, processor = mini
+    mode, exclude = auto_plan(model.config)
+    fast = quantize(model, mode, exclude=exclude)
+    pixels = processor(images=photos)["pixel_values"]
+    zimg0, zimg = np.asarray(model.encode_image(pixels)), np.asarray(fast.encode_image(pixels))
+    assert rows_cosine(zimg, zimg0).min() >= COSINE_GATE
+    for labels, template in ((KO, koclip.DEFAULT_TEMPLATE), (EN, "a photo of a {}.")):
+        tokens = processor(text=koclip.apply_template(labels, template))
+        ztxt0, ztxt = np.asarray(model.encode_text(**tokens)), np.asarray(fast.encode_text(**tokens))
+        assert rows_cosine(ztxt, ztxt0).min() >= COSINE_GATE
+        s0, s = zimg0 @ ztxt0.T, zimg @ ztxt.T
+        raw = np.mean(s0.argmax(-1) == s.argmax(-1))
+        assert agreement(s0, s) >= AGREEMENT_GATE, f"{template}: agreement {agreement(s0, s):.3f} (raw {raw:.3f})"
+
+
+def test_agreement_ignores_ties_but_counts_clear_flips():
+    s0 = np.array([[0.5, 0.5 - 1e-6, 0.1], [0.9, 0.2, 0.1]])
+    tie_flipped = np.array([[0.5 - 1e-6, 0.5, 0.1], [0.9, 0.2, 0.1]])
+    clear_flipped = np.array([[0.5, 0.5 - 1e-6, 0.1], [0.2, 0.9, 0.1]])
+    assert agreement(s0, tie_flipped) == 1.0
+    assert agreement(s0, clear_flipped) == 0.0
+
+
+# ---------------------------------------------------------------- calling compiled models
+
+def test_encode_sees_weights_changed_after_the_first_call(tiny):
+    pixels = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    before = np.asarray(tiny.encode_image(pixels))
+    tiny.visual_projection.kernel[...] = -tiny.visual_projection.kernel[...]
+    np.testing.assert_allclose(np.asarray(tiny.encode_image(pixels)), -before, atol=1e-5)
+
+
+def test_in_place_quantize_is_seen_by_the_next_encode(tiny):
+    pixels = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    want = np.asarray(quantize(tiny, "int8").encode_image(pixels))
+    tiny.encode_image(pixels)
+    quantize(tiny, "int8", copy=False)
+    np.testing.assert_array_equal(np.asarray(tiny.encode_image(pixels)), want)
+
+
+def test_repeated_encodes_of_one_bucket_compile_once(tiny):
+    ids, mask = np.full((3, 8), 5, np.int32), np.ones((3, 8), np.int32)
+    tiny.encode_text(ids, mask)
+    before = model_lib.TRACES["encode_text"]
+    for n in (3, 4, 3):
+        tiny.encode_text(ids[:n], mask[:n])
+    assert model_lib.TRACES["encode_text"] == before
+
+
+@pytest.fixture
+def restore_jax_cache_config():
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes", "jax_enable_compilation_cache")
+    saved = {n: getattr(jax.config, n) for n in names}
+    yield
+    for n, v in saved.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+    compile_cache._enabled = None
+
+
+def test_enable_writes_compiled_programs_to_the_cache_dir_and_is_idempotent(tmp_path, restore_jax_cache_config):
+    import jax
+    import jax.numpy as jnp
+
+    path = tmp_path / "jax"
+    # min_compile_seconds=0: the test's program compiles faster than the default floor.
+    assert compile_cache.enable(path, min_compile_seconds=0) == path
+    assert compile_cache.enable(path, min_compile_seconds=0) == path
+    assert jax.config.jax_compilation_cache_dir == str(path)
+    jax.jit(lambda x: jnp.sin(x) * 3.25 + 0.125)(jnp.arange(7.0)).block_until_ready()
+    assert any(f.is_file() for f in path.rglob("*"))
+
+
+def test_cache_dir_follows_koclip_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("KOCLIP_CACHE", str(tmp_path))
+    assert compile_cache.default_dir() == tmp_path / "jax"
+    monkeypatch.delenv("KOCLIP_CACHE")
+    monkeypatch.delenv("KOCLIP_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache.default_dir() == tmp_path / "xdg" / "koclip" / "jax"
