@@ -4,13 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-
 from koclip import model as model_lib
 from koclip.config import TINY
 from koclip.model import KoCLIP
 from koclip.processing import Processor, apply_template, bucket, clean_labels
+from koclip.train import synthetic
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +19,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def char_tokenizer():
     """A character-level tokenizer over Hangul syllables and ASCII: real, tiny, offline."""
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for ch in "abcdefghijklmnopqrstuvwxyz이것은고양강아지다의사진{} ":
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    from tokenizers.processors import TemplateProcessing
-
-    tok.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>")
+    return synthetic.char_tokenizer(["abcdefghijklmnopqrstuvwxyz이것은고양강아지다의사진{} "])
 
 
 def test_embeddings_are_unit_length(tiny):
