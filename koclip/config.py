@@ -145,32 +145,15 @@ class VisionConfig:
         if model_type == "clip":  # a full CLIPConfig: take its vision part
             d = {**d.get("vision_config", {}), "model_type": "clip_vision_model"}
             model_type = "clip_vision_model"
-        if model_type == "clip_vision_model":
-            return cls(
-                kind="clip",
-                image_size=d.get("image_size", 224),
-                patch_size=d.get("patch_size", 32),
-                hidden_size=d.get("hidden_size", 768),
-                num_hidden_layers=d.get("num_hidden_layers", 12),
-                num_attention_heads=d.get("num_attention_heads", 12),
-                intermediate_size=d.get("intermediate_size", 3072),
-                layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-                hidden_act=d.get("hidden_act", "quick_gelu"),
-                num_channels=d.get("num_channels", 3),
-            )
-        if model_type == "vit":
-            return cls(
-                kind="vit",
-                image_size=d.get("image_size", 224),
-                patch_size=d.get("patch_size", 16),
-                hidden_size=d.get("hidden_size", 768),
-                num_hidden_layers=d.get("num_hidden_layers", 12),
-                num_attention_heads=d.get("num_attention_heads", 12),
-                intermediate_size=d.get("intermediate_size", 3072),
-                layer_norm_eps=d.get("layer_norm_eps", 1e-12),
-                hidden_act=d.get("hidden_act", "gelu"),
-                num_channels=d.get("num_channels", 3),
-            )
+        # transformers' defaults for keys a config.json may leave out, per model type.
+        defaults = {
+            "clip_vision_model": dict(kind="clip", patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu"),
+            "vit": dict(kind="vit", patch_size=16, layer_norm_eps=1e-12, hidden_act="gelu"),
+        }
+        if model_type in defaults:
+            kw = dict(image_size=224, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072, num_channels=3, **defaults[model_type])
+            return cls(**{k: (v if k == "kind" else d.get(k, v)) for k, v in kw.items()})
         if model_type == "efficientnet":
             return cls(kind="efficientnet", image_size=d.get("image_size", 224), patch_size=1,
                        variant=d.get("variant", "lite0"))
