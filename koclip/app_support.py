@@ -32,7 +32,7 @@ from koclip.processing import DEFAULT_TEMPLATE, KOREAN_TEMPLATES, apply_template
 log = logging.getLogger("koclip.app")
 
 MODEL_ENV = "KOCLIP_MODEL"
-CACHE_ENV = "KOCLIP_CACHE_DIR"
+CACHE_ENV = "KOCLIP_CACHE"  # the same variable koclip-mini and the compile cache use
 EMBEDDINGS_ENV = "KOCLIP_EMBEDDINGS_DIR"
 OFFLINE_MODEL = "koclip-mini"
 HUB_MODEL = "koclip-base"
@@ -280,7 +280,11 @@ def load_engine(name: str) -> Engine:
     """koclip.load(name) wrapped in an Engine."""
     import koclip
 
-    model, processor = koclip.load(name)
+    from koclip import compile_cache
+
+    # A restarted app reuses the compiled programs of the last one.
+    compile_cache.enable()
+    model, processor = koclip.load(name, precision="auto")
     log.info("loaded %s from %s in %.1f s", name, model.load_info.source, model.load_info.seconds)
     return Engine(model, processor)
 
@@ -288,7 +292,7 @@ def load_engine(name: str) -> Engine:
 # ---------------------------------------------------------------- gallery indexes
 
 def cache_dir() -> Path:
-    """Where the app keeps indexes it builds: $KOCLIP_CACHE_DIR, else ~/.cache/koclip."""
+    """Where the app keeps indexes it builds: $KOCLIP_CACHE, else ~/.cache/koclip."""
     env = os.environ.get(CACHE_ENV, "").strip()
     if env:
         return Path(env).expanduser()

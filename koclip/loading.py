@@ -16,7 +16,7 @@ from koclip.model import KoCLIP
 from koclip.processing import Processor, image_spec_for, load_tokenizer
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LoadInfo:
     """Where a loaded model came from, for display."""
 

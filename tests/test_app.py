@@ -47,7 +47,7 @@ def cache(tmp_path_factory):
 @pytest.fixture
 def app(tiny_dir, cache, monkeypatch):
     """`app(page, model=tiny)` -> an AppTest started at the entrypoint, switched to `page`, run once."""
-    monkeypatch.setenv("KOCLIP_CACHE_DIR", str(cache))
+    monkeypatch.setenv("KOCLIP_CACHE", str(cache))
     monkeypatch.delenv("KOCLIP_ALLOW_PRIVATE_URLS", raising=False)
 
     def open_page(page=None, model=None):
@@ -191,7 +191,7 @@ def test_a_precomputed_index_of_the_same_model_and_photos_is_used(tiny_engine, t
     photos = photo_folder(tmp_path / "photos")
     build_index(tiny_engine.embedder, photos, tmp_path / "emb" / "photos.kidx", progress=False)
     monkeypatch.setenv("KOCLIP_EMBEDDINGS_DIR", str(tmp_path / "emb"))
-    monkeypatch.setenv("KOCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KOCLIP_CACHE", str(tmp_path / "cache"))
     g = app_support.gallery_index(tiny_engine, photos)
     assert g.origin == "precomputed" and sorted(g.index.paths) == ["p0.png", "p1.png", "p2.png"]
     assert not (tmp_path / "cache").exists()
@@ -200,7 +200,7 @@ def test_a_precomputed_index_of_the_same_model_and_photos_is_used(tiny_engine, t
 def test_a_gallery_is_built_once_then_rebuilt_when_a_photo_is_added(tiny_engine, tmp_path, monkeypatch):
     photos = photo_folder(tmp_path / "photos")
     monkeypatch.setenv("KOCLIP_EMBEDDINGS_DIR", str(tmp_path / "none"))
-    monkeypatch.setenv("KOCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("KOCLIP_CACHE", str(tmp_path / "cache"))
     calls = []
     assert app_support.gallery_index(tiny_engine, photos, progress=lambda d, t: calls.append((d, t))).origin \
         == "built"

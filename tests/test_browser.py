@@ -65,7 +65,7 @@ def server(tmp_path_factory):
         koclip.save(koclip.KoCLIP(TINY, rngs=nnx.Rngs(0)), model)
         write_tiny_tokenizer(model)
     port = free_port()
-    env = dict(os.environ, KOCLIP_MODEL=model, KOCLIP_CACHE_DIR=str(tmp / "cache"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, KOCLIP_MODEL=model, KOCLIP_CACHE=str(tmp / "cache"), PYTHONUNBUFFERED="1")
     log = open(tmp / "streamlit.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",

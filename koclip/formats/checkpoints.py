@@ -226,6 +226,11 @@ def save(model: KoCLIP, directory, tokenizer=None) -> Path:
     filled under a temporary name and renamed into place, so a crash never
     leaves a half-written checkpoint.  Returns the directory.
     """
+    from koclip.quantize import precision_of
+
+    if precision_of(model) != "fp32":
+        raise CheckpointError(f"refusing to save a {precision_of(model)} model: koclip checkpoints hold "
+                              "fp32 weights; save the model before quantising it (load with precision='fp32')")
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
