@@ -160,3 +160,15 @@ def test_uncached_hub_id_with_unreachable_hub_raises_offline_error_quickly(hf_ca
     assert time.monotonic() - t0 < 10
     assert "owner/not-cached" in str(e.value)
     assert re.search(r"koclip-mini", str(e.value))
+
+
+def test_save_refuses_a_quantised_model(tmp_path):
+    from flax import nnx
+
+    from koclip.config import TINY
+    from koclip.quantize import quantize
+
+    model = quantize(koclip.KoCLIP(TINY, rngs=nnx.Rngs(0)), "bf16")
+    with pytest.raises(CheckpointError, match="bf16"):
+        koclip.save(model, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
