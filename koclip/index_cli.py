@@ -36,18 +36,20 @@ def _print_report(report: kidx.BuildReport, limit: int = 20) -> None:
         print(f"embedded {r.embedded} images at {r.images_per_second:.1f} img/s; the model was busy "
               f"{100 * r.model_busy:.0f}% of the time"
               + (" (image loading held it back: try more --workers)" if slow_loading else ""))
-    if r.skipped:
-        print(f"{len(r.skipped)} unreadable images skipped:")
-        for path, reason in r.skipped[:limit]:
-            print(f"  {path}: {reason}")
-        if len(r.skipped) > limit:
-            print(f"  ... and {len(r.skipped) - limit} more")
-    if r.duplicates:
-        print(f"{len(r.duplicates)} duplicates (same bytes as an indexed file) not stored again")
-        for path, kept in r.duplicates[:limit]:
-            print(f"  {path} = {kept}")
-        if len(r.duplicates) > limit:
-            print(f"  ... and {len(r.duplicates) - limit} more")
+    _print_pairs(r.skipped, f"{len(r.skipped)} unreadable images skipped:", "{}: {}", limit)
+    _print_pairs(r.duplicates, f"{len(r.duplicates)} duplicates (same bytes as an indexed file) not stored again",
+                 "{} = {}", limit)
+
+
+def _print_pairs(pairs, heading: str, fmt: str, limit: int) -> None:
+    """Prints a heading and at most `limit` (a, b) pairs, then how many were left out."""
+    if not pairs:
+        return
+    print(heading)
+    for a, b in pairs[:limit]:
+        print("  " + fmt.format(a, b))
+    if len(pairs) > limit:
+        print(f"  ... and {len(pairs) - limit} more")
 
 
 _FAISS = {"auto": "auto", "yes": True, "no": False}

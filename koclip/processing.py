@@ -28,7 +28,6 @@ KOREAN_TEMPLATES = (
 )
 ENGLISH_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "this is a {}.")
 LENGTH_BUCKETS = (8, 16, 32, 64, 96, 128, 256, 512)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
 def bucket(n: int, buckets: Sequence[int]) -> int:
