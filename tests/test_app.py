@@ -197,6 +197,17 @@ def test_a_precomputed_index_of_the_same_model_and_photos_is_used(tiny_engine, t
     assert not (tmp_path / "cache").exists()
 
 
+def test_the_committed_gallery_index_is_current_for_koclip_mini(mini_engine, tmp_path, monkeypatch):
+    # Refitting mini's heads without rebuilding embeddings/ must not leave a stale index in use.
+    monkeypatch.setenv("KOCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("KOCLIP_EMBEDDINGS_DIR", raising=False)
+    g = app_support.gallery_index(mini_engine)
+    assert g.origin == "precomputed", "embeddings/gallery-koclip-mini.kidx is stale: rebuild it (README)"
+    fresh = mini_engine.embedder.encode_images([g.root / p for p in g.index.paths])
+    cos = np.sum(np.asarray(g.index.vectors, np.float32) * fresh, axis=1)
+    assert cos.min() > 0.999, f"committed vector of {g.index.paths[int(cos.argmin())]} is off: cosine {cos.min():.4f}"
+
+
 def test_a_gallery_is_built_once_then_rebuilt_when_a_photo_is_added(tiny_engine, tmp_path, monkeypatch):
     photos = photo_folder(tmp_path / "photos")
     monkeypatch.setenv("KOCLIP_EMBEDDINGS_DIR", str(tmp_path / "none"))

@@ -40,6 +40,23 @@ def test_fingerprint_changes_with_preprocessing(tiny_dir):
     assert fingerprint(model, processor) != a
 
 
+def test_fingerprint_changes_with_the_weights_but_not_with_the_precision(tiny_dir, tmp_path):
+    from conftest import write_tiny_tokenizer
+
+    model, processor = koclip.load(str(tiny_dir))
+    a = fingerprint(model, processor)
+    # The same architecture with other weights (a fine-tuned copy, refitted heads) embeds elsewhere.
+    other = tmp_path / "other"
+    retrained = koclip.KoCLIP(TINY, rngs=nnx.Rngs(0))
+    retrained.text_projection.kernel[...] = retrained.text_projection.kernel[...] * 1.01
+    koclip.save(retrained, other)
+    write_tiny_tokenizer(other)
+    assert fingerprint(*koclip.load(str(other))) != a
+    # bf16 vectors lie in the fp32 model's space: an index built with one serves the other.
+    fast, _ = koclip.load(str(tiny_dir), precision="bf16")
+    assert fingerprint(fast, processor) == a
+
+
 def test_index_built_with_a_real_model_stores_its_vectors_and_ranks_by_them(tiny_dir, tmp_path):
     emb = koclip.load_embedder(str(tiny_dir))
     photos = tmp_path / "photos"
