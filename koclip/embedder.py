@@ -18,43 +18,49 @@ import numpy as np
 from koclip.processing import Processor
 
 
-# Values sampled per parameter by `weights_digest`: enough that any retraining or
-# fine-tuning changes the digest, few enough to cost milliseconds on koclip-base.
+# Values sampled per variable for an index fingerprint: enough that any retraining
+# or fine-tuning changes it, few enough to cost milliseconds on koclip-base.
 DIGEST_SAMPLES = 64
 
 
-def weights_digest(model) -> str:
-    """Hash of every float parameter's name, shape and a strided sample of its values.
+def weights_digest(module, samples: int | None = None) -> str:
+    """sha256 (hex) over a module's variables in path order: each one's path and values.
 
-    Two checkpoints of one architecture (a model and its fine-tuned copy, or
-    koclip-mini before and after its heads are refitted) get different digests.
-    A model that `koclip.load` quantised reports the digest of its float32
-    weights, taken before quantising (`model.load_info.weights`), so an index
-    stays usable across precisions.
+    samples=None hashes every value (exact; about a second per GB).  samples=n
+    hashes each variable's shape and n strided values: it still changes when a
+    model is retrained or fine-tuned, at a cost of milliseconds.
     """
+    import jax
     from flax import nnx
 
+    h = hashlib.sha256()
+    for path, var in sorted(nnx.to_flat_state(nnx.state(module)), key=lambda kv: tuple(map(str, kv[0]))):
+        value = np.asarray(jax.device_get(var.get_value()))
+        h.update("/".join(map(str, path)).encode())
+        if samples is not None:
+            h.update(repr(value.shape).encode())
+            flat = value.reshape(-1)
+            value = flat[:: max(1, flat.size // samples)][:samples]
+        h.update(np.ascontiguousarray(value).tobytes())
+    return h.hexdigest()
+
+
+def model_digest(model) -> str:
+    """`weights_digest(model, DIGEST_SAMPLES)`, short.  A model that `koclip.load`
+    quantised reports the digest of its float32 weights, taken before quantising
+    (`model.load_info.weights`), so an index serves every precision of one model."""
     info = getattr(model, "load_info", None)
     if info is not None and getattr(info, "weights", ""):
         return info.weights
-    h = hashlib.sha256()
-    for path, var in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: kv[0]):
-        value = np.asarray(var.get_value() if hasattr(var, "get_value") else var.value)
-        if not np.issubdtype(value.dtype, np.floating):
-            continue
-        flat = value.reshape(-1)
-        sample = flat[:: max(1, flat.size // DIGEST_SAMPLES)][:DIGEST_SAMPLES]
-        h.update(f"{'.'.join(map(str, path))}{value.shape}".encode())
-        h.update(np.ascontiguousarray(sample, np.float32).tobytes())
-    return h.hexdigest()[:16]
+    return weights_digest(model, DIGEST_SAMPLES)[:16]
 
 
 def fingerprint(model, processor: Processor) -> str:
-    """Hash of the model config, its weights (`weights_digest`) and the image preprocessing:
+    """Hash of the model config, its weights (`model_digest`) and the image preprocessing:
     equal fingerprints, compatible vectors."""
     spec = processor.image_spec
     spec_d = dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else repr(spec)
-    blob = json.dumps({"config": model.config.to_hf(), "weights": weights_digest(model), "preprocess": spec_d},
+    blob = json.dumps({"config": model.config.to_hf(), "weights": model_digest(model), "preprocess": spec_d},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -24,7 +24,7 @@ class LoadInfo:
     source: str
     path: str
     seconds: float
-    weights: str = ""  # koclip.embedder.weights_digest of the float32 weights, before any quantising
+    weights: str = ""  # koclip.embedder.model_digest of the float32 weights, before any quantising
 
 
 def load(name: str = "koclip-mini", *, revision: str | None = None, precision: str | None = None):
@@ -63,11 +63,11 @@ def load(name: str = "koclip-mini", *, revision: str | None = None, precision: s
 
 
 def _finish(model, name, source, path, t0):
-    from koclip.embedder import weights_digest
+    from koclip.embedder import model_digest
 
     # Plain attribute outside nnx's state: a frozen record of provenance.
     object.__setattr__(model, "load_info", LoadInfo(name, source, str(path), time.perf_counter() - t0,
-                                                    weights_digest(model)))
+                                                    model_digest(model)))
 
 
 def _with_precision(model, precision):

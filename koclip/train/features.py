@@ -21,19 +21,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from koclip.embedder import weights_digest
 from koclip.train.data import Batches, Tokenize
 from koclip.train.parallel import batch_sharding, replicated
 
 log = logging.getLogger(__name__)
-
-
-def weights_digest(module: nnx.Module) -> str:
-    """sha256 over a module's variables, in path order (changes when any weight does)."""
-    h = hashlib.sha256()
-    for path, var in sorted(nnx.to_flat_state(nnx.state(module)), key=lambda kv: tuple(map(str, kv[0]))):
-        h.update("/".join(map(str, path)).encode())
-        h.update(np.ascontiguousarray(jax.device_get(var.get_value())).tobytes())
-    return h.hexdigest()
 
 
 def _key(*parts) -> str:
