@@ -87,8 +87,8 @@ class ImageEmbedder(Protocol):
     """What an index needs from an image model.
 
     name: model name, e.g. "koclip-mini".
-    fingerprint: hash of model config + preprocessing; two embedders with
-        different fingerprints give incompatible vectors.
+    fingerprint: hash of model config, weights and preprocessing; two
+        embedders with different fingerprints give incompatible vectors.
     dim: embedding size.
     preprocess(images): list of RGB PIL images -> pixel array (n, ...); CPU
         work, called from worker threads, so it must be thread-safe.
@@ -623,8 +623,9 @@ def check_compatible(meta: dict, embedder, where) -> None:
         raise IndexFileError(
             f"index {where} was built with model {meta['model']!r} (fingerprint {meta['fingerprint']}, "
             f"dim {meta['dim']}) but the loaded model is {embedder.name!r} (fingerprint "
-            f"{embedder.fingerprint}, dim {embedder.dim}); load {meta['model']!r} or rebuild the index "
-            "with this model")
+            f"{embedder.fingerprint}, dim {embedder.dim}): the config, weights or image preprocessing "
+            f"differ, so its vectors would score wrongly; load the model that built it or rebuild the index "
+            "with this one")
 
 
 def load_index(path, embedder: ImageEmbedder | None = None) -> Index:
