@@ -1169,6 +1169,68 @@ def add_images(index_path, embedder: ImageEmbedder, paths_or_dir, *, batch_size:
     return report
 
 
+class Removed(NamedTuple):
+    """What `remove_images` did: the stored paths it removed, and how many images are left."""
+
+    paths: list[str]
+    count: int
+
+
+def remove_images(index_path, paths: Sequence = (), *, missing: bool = False) -> Removed:
+    """Remove images from the index at `index_path` and replace it atomically.
+
+    paths: images to remove, as stored (what `search` and `info` print) or as
+        file paths (resolved against the index's images_root, as `add_images`
+        stores them).  Any path not in the index raises ValueError and
+        changes nothing.
+    missing: also remove every image whose file no longer exists.
+    The vectors file is rewritten without the removed rows; an approximate
+    (IVF) index is trained again on what is left.
+    """
+    t0 = time.perf_counter()
+    path = Path(index_path)
+    old = load_index(path)
+    row_of_path = {p: i for i, p in enumerate(old.paths)}
+    drop, unknown = set(), []
+    for given in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        key = str(given)
+        if key not in row_of_path:
+            f = Path(given).expanduser().resolve()
+            try:
+                key = f.relative_to(old.root).as_posix()
+            except ValueError:
+                key = f.as_posix()
+        if key in row_of_path:
+            drop.add(row_of_path[key])
+        else:
+            unknown.append(str(given))
+    if unknown:
+        raise ValueError(f"{len(unknown)} of the paths to remove are not in {path}: "
+                         f"{', '.join(map(repr, unknown[:5]))}{' ...' if len(unknown) > 5 else ''}; "
+                         "nothing was removed")
+    if missing:
+        drop.update(i for i, p in enumerate(old.paths) if not old.full_path(p).is_file())
+    if not drop:
+        return Removed([], old.count)
+    keep = np.asarray([i for i in range(old.count) if i not in drop], dtype=np.int64)
+    items = {c: [getattr(old, a)[i] for i in keep] for c, a in zip(
+        _Records.COLUMNS, ("paths", "sizes", "sha256", "widths", "heights"))}
+
+    def fill(mm):
+        for start in range(0, len(keep), 65536):  # in slices: a memory map need not be read whole
+            rows = keep[start:start + 65536]
+            mm[start:start + len(rows)] = old.vectors[rows]
+
+    index = _write_index(
+        path, model=old.model, fingerprint=old.fingerprint, dim=old.dim, dtype=old.dtype,
+        images_root=str(old.root), items=items, count=len(keep), fill_vectors=fill, created=old.created,
+        faiss=bool(old.ivf_params) and len(keep) > 0)
+    removed = sorted(old.paths[i] for i in drop)
+    log.info("removed %d images from %s in %.1f s; %d left", len(removed), path, time.perf_counter() - t0,
+             index.count)
+    return Removed(removed, index.count)
+
+
 def merge_indexes(paths: Sequence, out_path, *, dtype: str | None = None,
                   faiss: bool | str = "auto") -> BuildReport:
     """Join indexes built by the same model (e.g. the shards of one folder) into `out_path`.
@@ -1258,7 +1320,7 @@ def write_vectors_index(out_path, vectors, paths: Sequence[str], *, model: str, 
 
 
 __all__ = [
-    "ImageEmbedder", "Index", "SearchResult", "BuildReport", "build_index", "add_images", "merge_indexes",
-    "load_index", "write_vectors_index", "scan_images", "parse_shard", "in_shard", "check_compatible",
+    "ImageEmbedder", "Index", "SearchResult", "BuildReport", "Removed", "build_index", "add_images",
+    "remove_images", "merge_indexes", "load_index", "write_vectors_index", "scan_images", "parse_shard", "in_shard", "check_compatible",
     "default_nlist", "IMAGE_EXTENSIONS", "FAISS_THRESHOLD", "DTYPES",
 ]

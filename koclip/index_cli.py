@@ -3,6 +3,7 @@
     koclip index build --model NAME --images DIR --out PATH [--shard i/n] [--batch-size N]
                        [--dtype float16|float32] [--workers N] [--faiss auto|yes|no] [--no-progress]
     koclip index add --model NAME INDEX PATH...      add image files or folders
+    koclip index remove INDEX [PATH...] [--missing]  remove images (by path, or those whose file is gone)
     koclip index merge OUT PART...                   join shards built by the same model
     koclip index info INDEX                          model, counts, files
     koclip index search INDEX TEXT... [-k 10] [--backend auto|exact|faiss]
@@ -83,6 +84,22 @@ def _add(args) -> int:
     return 0
 
 
+def _remove(args) -> int:
+    if not args.paths and not args.missing:
+        raise SystemExit("koclip index remove: give the paths to remove, or --missing (or both)")
+    try:
+        done = kidx.remove_images(args.index, args.paths, missing=args.missing)
+    except ValueError as e:
+        raise SystemExit(f"koclip index remove: {e}") from None
+    for p in done.paths[:20]:
+        print(f"removed {p}")
+    if len(done.paths) > 20:
+        print(f"... and {len(done.paths) - 20} more")
+    n = len(done.paths)
+    print(f"{args.index}: {n} image{'' if n == 1 else 's'} removed, {done.count} left")
+    return 0
+
+
 def _merge(args) -> int:
     report = kidx.merge_indexes(args.parts, args.out, dtype=args.dtype, faiss=_FAISS[args.faiss])
     _print_report(report)
@@ -148,6 +165,12 @@ def register(subparsers) -> None:
     q.add_argument("paths", nargs="+", help="image files, or one folder")
     common(q)
     q.set_defaults(func=_add)
+
+    q = sub.add_parser("remove", help="remove images from an index")
+    q.add_argument("index")
+    q.add_argument("paths", nargs="*", help="stored paths (as search prints them) or image files")
+    q.add_argument("--missing", action="store_true", help="also remove every image whose file is gone")
+    q.set_defaults(func=_remove)
 
     q = sub.add_parser("merge", help="join indexes built by the same model (e.g. shards)")
     q.add_argument("out")

@@ -488,6 +488,62 @@ def test_add_keeps_the_faiss_index_in_step(tmp_path):
     assert index.search(q, k=1, backend="faiss")[0].path == "g.png"
 
 
+# ---------------------------------------------------------------- remove
+
+def test_remove_by_stored_or_file_path_drops_exactly_those_rows(photos, tmp_path):
+    root, images = photos
+    emb = TinyEmbedder()
+    build(emb, root, tmp_path / "p.kidx")
+    before = load_index(tmp_path / "p.kidx")
+    vec_of = {p: before.vectors[i].copy() for i, p in enumerate(before.paths)}
+    done = kidx.remove_images(tmp_path / "p.kidx", ["reds/red.png", root / "blues" / "navy.png"])
+    assert done.paths == ["blues/navy.png", "reds/red.png"] and done.count == len(images) - 2
+    index = load_index(tmp_path / "p.kidx", emb)
+    assert index.paths == sorted(set(images) - {"reds/red.png", "blues/navy.png"})
+    for i, p in enumerate(index.paths):  # every kept row keeps its own vector and record
+        np.testing.assert_array_equal(index.vectors[i], vec_of[p])
+        assert index.sha256[i] == before.sha256[before.paths.index(p)]
+    hits = index.search(emb.embed([solid((230, 20, 20))])[0], k=len(images))
+    assert "reds/red.png" not in [h.path for h in hits]
+    # The removed picture is new content again: adding it back embeds it.
+    assert add_images(tmp_path / "p.kidx", TinyEmbedder(), [root / "reds/red.png"], progress=False).indexed == 1
+
+
+def test_remove_missing_drops_the_images_whose_files_are_gone(photos, tmp_path):
+    root, images = photos
+    build(TinyEmbedder(), root, tmp_path / "p.kidx")
+    (root / "grey.bmp").unlink()
+    shutil.rmtree(root / "greens")
+    done = kidx.remove_images(tmp_path / "p.kidx", missing=True)
+    assert done.paths == ["greens/green.png", "greens/olive.png", "grey.bmp"]
+    assert load_index(tmp_path / "p.kidx").count == len(images) - 3
+    assert kidx.remove_images(tmp_path / "p.kidx", missing=True) == kidx.Removed([], len(images) - 3)
+
+
+def test_remove_of_an_unknown_path_changes_nothing(photos, tmp_path):
+    root, images = photos
+    build(TinyEmbedder(), root, tmp_path / "p.kidx")
+    meta = (tmp_path / "p.kidx" / "meta.json").read_bytes()
+    with pytest.raises(ValueError, match=r"1 of the paths to remove are not in .*'nope.png'.*nothing was removed"):
+        kidx.remove_images(tmp_path / "p.kidx", ["reds/red.png", "nope.png"])
+    assert (tmp_path / "p.kidx" / "meta.json").read_bytes() == meta
+    assert load_index(tmp_path / "p.kidx").count == len(images)
+
+
+def test_remove_retrains_the_faiss_index_on_what_is_left(tmp_path):
+    v = np.random.default_rng(5).standard_normal((600, 16))
+    kidx.write_vectors_index(tmp_path / "v.kidx", v, [f"{i:04d}" for i in range(600)], model="tiny",
+                             fingerprint="tiny-v1", faiss=True, images_root=tmp_path)
+    kidx.remove_images(tmp_path / "v.kidx", [f"{i:04d}" for i in range(0, 600, 2)])
+    index = load_index(tmp_path / "v.kidx")
+    assert index.count == 300 and index.ivf_params
+    for odd in (1, 301, 599):  # each kept vector still finds itself through the IVF
+        q = v[odd] / np.linalg.norm(v[odd])
+        assert index.search(q, k=1, backend="faiss")[0].path == f"{odd:04d}"
+    kidx.remove_images(tmp_path / "v.kidx", index.paths)
+    assert load_index(tmp_path / "v.kidx").count == 0
+
+
 # ---------------------------------------------------------------- CLI
 
 def test_cli_builds_merges_and_adds(photos, tmp_path, monkeypatch, capsys):
@@ -505,3 +561,7 @@ def test_cli_builds_merges_and_adds(photos, tmp_path, monkeypatch, capsys):
     assert main(["index", "info", str(tmp_path / "all.kidx")]) == 0
     assert "tiny" in capsys.readouterr().out
     assert main(["index", "merge", str(tmp_path / "x.kidx"), str(tmp_path / "missing.kidx")]) == 2
+    assert main(["index", "remove", str(tmp_path / "all.kidx"), "grey.bmp"]) == 0
+    assert "1 image removed, 19 left" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="give the paths to remove, or --missing"):
+        main(["index", "remove", str(tmp_path / "all.kidx")])
