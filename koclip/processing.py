@@ -65,14 +65,13 @@ def clean_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def load_tokenizer(name: str, directory: Path | None = None):
-    """A transformers tokenizer: from `directory` when it holds tokenizer files, else `name`
-    (a hub id resolved through koclip.hub, a local path, or "e5" for the bundled e5 tokenizer)."""
-    # transformers' auto classes import torch when it is installed (seconds): import only what is used.
+    """A tokenizer: from `directory` when it holds a tokenizer.json (a koclip.tokenizer.FastTokenizer,
+    without importing transformers), else `name` (a hub id resolved through koclip.hub, a local
+    path, or "e5" for the bundled e5 tokenizer; a transformers tokenizer)."""
     if directory is not None and (Path(directory) / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
+        from koclip.tokenizer import FastTokenizer
 
-        return PreTrainedTokenizerFast(tokenizer_file=str(Path(directory) / "tokenizer.json"),
-                                       **_special_tokens(Path(directory)))
+        return FastTokenizer.from_directory(directory)
     if name == "e5":
         from koclip.mini.e5 import e5_tokenizer
 
@@ -80,24 +79,13 @@ def load_tokenizer(name: str, directory: Path | None = None):
     from koclip import hub
 
     local = hub.resolve(name, weights=False, label=f"tokenizer {name}")
+    # transformers' auto classes import torch when it is installed (seconds): import only what is used.
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(local))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{local}: cannot load tokenizer: {e}") from None
-
-
-def _special_tokens(directory: Path) -> dict:
-    import json
-
-    cfg = directory / "tokenizer_config.json"
-    if not cfg.is_file():
-        return {}
-    d = json.loads(cfg.read_text())
-    keys = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
-            "model_max_length")
-    return {k: d[k] for k in keys if isinstance(d.get(k), (str, int))}
 
 
 class Processor:

@@ -332,18 +332,10 @@ class _Background:
 
 
 def load_tokenizer(directory: Path):
-    """The cached e5 tokenizer (a transformers PreTrainedTokenizerFast).
+    """The cached e5 tokenizer, as a koclip.tokenizer.FastTokenizer (no transformers import)."""
+    from koclip.tokenizer import FastTokenizer
 
-    Built directly rather than through AutoTokenizer, whose import pulls in
-    torch when it is installed.
-    """
-    from transformers import PreTrainedTokenizerFast
-
-    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-    keys = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
-            "model_max_length")
-    return PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"),
-                                   **{k: config[k] for k in keys if isinstance(config.get(k), (str, int))})
+    return FastTokenizer.from_directory(directory)
 
 
 def load_towers(root: str | os.PathLike | None = None):
@@ -363,7 +355,7 @@ def load_towers(root: str | os.PathLike | None = None):
             check_file(directory / name, records.get(name))
         return load_tokenizer(directory)
 
-    # The tokenizer (seconds: importing transformers, then Rust without the GIL)
+    # The tokenizer (most of a second, parsing 250k pieces in Rust)
     # starts first and overlaps with checking the sources and reading the weights.
     tok = _Background(cached_tokenizer)
     try:

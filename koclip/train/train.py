@@ -236,14 +236,9 @@ def numpy_initialised(config, seed: int = 0) -> KoCLIP:
 
 def _tokenizer(name: str):
     """A tokenizer folder (tokenizer.json + tokenizer_config.json) or a hub id."""
-    if (Path(name) / "tokenizer.json").is_file():
-        # Straight to the fast tokenizer: AutoTokenizer would import torch, seconds for nothing.
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(name)
     from koclip.processing import load_tokenizer
 
-    return load_tokenizer(name)
+    return load_tokenizer(name, Path(name))
 
 
 def build_model(cfg: TrainConfig):
