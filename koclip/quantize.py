@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from koclip.errors import KoclipError
+from koclip.towers.layers import to_patches
 
 MODES = ("bf16", "int8", "fp32")
 # Layers with fewer weights than this stay float32: too small to matter for
@@ -138,13 +139,7 @@ class PatchDense(nnx.Module):
         self.proj = proj
 
     def __call__(self, x):
-        kh, kw = self.patch
-        n, h, w, c = x.shape
-        if (kh, kw) != (1, 1):
-            oh, ow = h // kh, w // kw
-            x = x[:, :oh * kh, :ow * kw]
-            x = x.reshape(n, oh, kh, ow, kw, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, oh, ow, kh * kw * c)
-        return self.proj(x)
+        return self.proj(to_patches(x, self.patch))
 
 
 def _is_patch_conv(conv: nnx.Conv) -> bool:

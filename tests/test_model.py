@@ -93,3 +93,18 @@ def test_decomposed_hangul_tokenizes_like_composed(char_tokenizer):
     composed = processor.tokenize(["고양이"])["input_ids"]
     decomposed = processor.tokenize([unicodedata.normalize("NFD", "고양이")])["input_ids"]
     np.testing.assert_array_equal(composed, decomposed)
+
+
+@pytest.mark.parametrize("patch,use_bias", [(1, False), (8, True), (32, False)])
+def test_patch_conv_is_the_valid_strided_convolution_as_a_matmul(patch, use_bias):
+    from koclip.towers.layers import PatchConv
+
+    fast = PatchConv(3, 16, patch, use_bias=use_bias, rngs=nnx.Rngs(0))
+    conv = nnx.Conv(3, 16, (patch, patch), strides=(patch, patch), padding="VALID", use_bias=use_bias,
+                    rngs=nnx.Rngs(0))
+    if use_bias:
+        fast.bias[...] = conv.bias[...] = np.arange(16, dtype=np.float32)
+    x = np.random.default_rng(2).standard_normal((2, 2 * patch + patch // 2 + 1, 3 * patch, 3)).astype(np.float32)
+    want, got = np.asarray(nnx.Conv.__call__(conv, x)), np.asarray(fast(x))  # a ragged edge row is dropped
+    assert got.shape == want.shape == (2, 2 if patch > 1 else x.shape[1], 3, 16)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -11,15 +11,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from koclip.config import VisionConfig
-from koclip.towers.layers import activation, attention, dense, layer_norm
+from koclip.towers.layers import PatchConv, activation, attention, dense, layer_norm
 
 
 class Embeddings(nnx.Module):
     def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs):
         h, p = cfg.hidden_size, cfg.patch_size
         self.class_embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (h,)))
-        self.patch_embedding = nnx.Conv(cfg.num_channels, h, (p, p), strides=(p, p), padding="VALID",
-                                        use_bias=False, rngs=rngs)
+        self.patch_embedding = PatchConv(cfg.num_channels, h, p, use_bias=False, rngs=rngs)
         self.position_embedding = nnx.Embed(cfg.num_patches + 1, h, rngs=rngs,
                                             embedding_init=nnx.initializers.normal(0.02))
 

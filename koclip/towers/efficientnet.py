@@ -36,6 +36,7 @@ from flax import nnx
 from koclip.errors import CheckpointError
 from koclip.formats.torch_zip import read_torch_state_dict
 from koclip.images import ImagePreprocess
+from koclip.towers.layers import PatchConv
 
 # The TF lite builder normalises 0..255 pixels with mean 127 and std 128
 # ("inception-style" so that quantised models see a symmetric range); on
@@ -134,6 +135,8 @@ def feature_dim(variant: str) -> int:
 
 
 def _conv(cin, cout, k, stride=1, *, rngs):
+    if k == 1 and stride == 1:  # as a matmul: see PatchConv
+        return PatchConv(cin, cout, 1, use_bias=False, rngs=rngs)
     return nnx.Conv(cin, cout, (k, k), strides=stride, padding="SAME", use_bias=False, rngs=rngs)
 
 

@@ -11,14 +11,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from koclip.config import VisionConfig
-from koclip.towers.layers import activation, attention, dense, layer_norm
+from koclip.towers.layers import PatchConv, activation, attention, dense, layer_norm
 
 
 class PatchEmbeddings(nnx.Module):
     def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs):
         p = cfg.patch_size
-        self.projection = nnx.Conv(cfg.num_channels, cfg.hidden_size, (p, p), strides=(p, p),
-                                   padding="VALID", rngs=rngs)
+        self.projection = PatchConv(cfg.num_channels, cfg.hidden_size, p, rngs=rngs)
 
     def __call__(self, pixel_values):
         x = self.projection(pixel_values)
