@@ -48,9 +48,12 @@ def weights_digest(module, samples: int | None = None) -> str:
 def model_digest(model) -> str:
     """`weights_digest(model, DIGEST_SAMPLES)`, short.  A model that `koclip.load`
     quantised reports the digest of its float32 weights, taken before quantising
-    (`model.load_info.weights`), so an index serves every precision of one model."""
+    (`model.load_info.weights`), so an index serves every precision of one model;
+    any other model is digested as it is now (it may have been trained in place)."""
+    from koclip.quantize import count_replaced
+
     info = getattr(model, "load_info", None)
-    if info is not None and getattr(info, "weights", ""):
+    if info is not None and getattr(info, "weights", "") and count_replaced(model):
         return info.weights
     return weights_digest(model, DIGEST_SAMPLES)[:16]
 

@@ -55,6 +55,9 @@ def test_fingerprint_changes_with_the_weights_but_not_with_the_precision(tiny_di
     # bf16 vectors lie in the fp32 model's space: an index built with one serves the other.
     fast, _ = koclip.load(str(tiny_dir), precision="bf16")
     assert fingerprint(fast, processor) == a
+    # A loaded model trained in place is no longer the model it was loaded as.
+    model.text_projection.kernel[...] = model.text_projection.kernel[...] * 1.01
+    assert fingerprint(model, processor) != a
 
 
 def test_index_built_with_a_real_model_stores_its_vectors_and_ranks_by_them(tiny_dir, tmp_path):
