@@ -112,21 +112,25 @@ class FastTokenizer:
 
 
 def read_config(directory: Path) -> dict:
-    """The special tokens and model_max_length in `directory`/tokenizer_config.json ({} without one).
+    """The special tokens and model_max_length in `directory`'s tokenizer_config.json, with
+    special_tokens_map.json (older checkpoints) for tokens the first does not name.
 
     transformers writes a token either as a string or as {"content": ...}.
     """
-    path = directory / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    config = json.loads(path.read_text(encoding="utf-8"))
-    out = {}
-    for key in SPECIAL_TOKENS:
-        value = config.get(key)
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            out[key] = value
+    config, tokens = {}, {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins
+        path = directory / name
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if name == "tokenizer_config.json":
+                config = data
+            for key in SPECIAL_TOKENS:
+                value = data.get(key)
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if isinstance(value, str):
+                    tokens[key] = value
+    out = dict(tokens)
     # transformers writes a huge integer for "no limit".
     if isinstance(config.get("model_max_length"), int) and config["model_max_length"] < 10**9:
         out["model_max_length"] = config["model_max_length"]

@@ -88,3 +88,15 @@ def test_padding_is_refused_with_the_reason(tmp_path):
     fast = FastTokenizer.from_directory(write_tiny_tokenizer(tmp_path / "tok"))
     with pytest.raises(ValueError, match="does not pad"):
         fast(["고양이"], padding=True)
+
+
+def test_special_tokens_come_from_special_tokens_map_when_the_config_lacks_them(tmp_path):
+    directory = write_tiny_tokenizer(tmp_path / "tok")
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    config["sep_token"] = {"content": "[SEP]", "lstrip": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    (directory / "special_tokens_map.json").write_text(json.dumps({"pad_token": "[PAD]", "sep_token": "[CLS]"}))
+    fast = FastTokenizer.from_directory(directory)
+    assert fast.pad_token == "[PAD]" and fast.pad_token_id == 1  # the klue layout: [CLS] [PAD] [SEP] ...
+    assert fast.sep_token == "[SEP]"  # tokenizer_config.json wins where both name a token
