@@ -8,7 +8,6 @@ import os
 import pathlib
 import pickle
 import struct
-import sys
 import sysconfig
 import zipfile
 
