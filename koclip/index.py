@@ -293,6 +293,27 @@ class _Records:
             self.cols[c].append(v)
 
 
+def _record(index: Index, row: int) -> tuple:
+    """Row `row` of `index`'s per-image columns, in _Records.COLUMNS order."""
+    return index.paths[row], index.sizes[row], index.sha256[row], index.widths[row], index.heights[row]
+
+
+def _columns(records) -> dict[str, list]:
+    """Records (tuples in _Records.COLUMNS order) -> {column: list of values}."""
+    out = _Records()
+    for record in records:
+        out.add(*record)
+    return out.cols
+
+
+def _stored_path(file: Path, root: Path) -> str:
+    """How an index stores `file`: relative to its images_root when inside it, else absolute."""
+    try:
+        return file.relative_to(root).as_posix()
+    except ValueError:
+        return file.as_posix()
+
+
 class _Journal:
     """Chunk files of a build in progress: `<dir>/chunk-000001.npz`, ... plus `job.json`.
 
@@ -1061,11 +1082,7 @@ def build_index(embedder: ImageEmbedder, images_dir, out_path, *, batch_size: in
 
 def _items_of(keys: list[str], records: dict) -> dict:
     """Journal records of `keys` -> items columns."""
-    return {"path": list(keys),
-            "size": [records[k][2] for k in keys],
-            "sha256": [records[k][3] for k in keys],
-            "width": [records[k][4] for k in keys],
-            "height": [records[k][5] for k in keys]}
+    return _columns((k, *records[k][2:6]) for k in keys)
 
 
 def _fill_from_journal(mm: np.ndarray, keys: list[str], j: dict, rows=None) -> None:
@@ -1106,11 +1123,7 @@ def add_images(index_path, embedder: ImageEmbedder, paths_or_dir, *, batch_size:
         files += [p / r for r in scan_images(p)] if p.is_dir() else [p]
     keyed = {}
     for f in files:
-        try:
-            key = f.relative_to(root).as_posix()
-        except ValueError:
-            key = f.as_posix()
-        keyed.setdefault(key, f)
+        keyed.setdefault(_stored_path(f, root), f)
     journal = _Journal(path.with_name(path.name + _JOURNAL_SUFFIX),
                        {"kind": "add", "model": embedder.name, "fingerprint": embedder.fingerprint,
                         "dim": int(embedder.dim), "images_root": str(root), "shard": None})
@@ -1140,8 +1153,7 @@ def add_images(index_path, embedder: ImageEmbedder, paths_or_dir, *, batch_size:
                 replace[row_of_path[key]] = key
             else:
                 append.append(key)
-        items = {c: list(getattr(old, a)) for c, a in zip(
-            _Records.COLUMNS, ("paths", "sizes", "sha256", "widths", "heights"))}
+        items = _columns(_record(old, i) for i in range(old.count))
         for row, key in replace.items():
             for c, v in zip(_Records.COLUMNS, (key, *j["records"][key][2:])):
                 items[c][row] = v
@@ -1195,11 +1207,7 @@ def remove_images(index_path, paths: Sequence = (), *, missing: bool = False) ->
     for given in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         key = str(given)
         if key not in row_of_path:
-            f = Path(given).expanduser().resolve()
-            try:
-                key = f.relative_to(old.root).as_posix()
-            except ValueError:
-                key = f.as_posix()
+            key = _stored_path(Path(given).expanduser().resolve(), old.root)
         if key in row_of_path:
             drop.add(row_of_path[key])
         else:
@@ -1213,8 +1221,7 @@ def remove_images(index_path, paths: Sequence = (), *, missing: bool = False) ->
     if not drop:
         return Removed([], old.count)
     keep = np.asarray([i for i in range(old.count) if i not in drop], dtype=np.int64)
-    items = {c: [getattr(old, a)[i] for i in keep] for c, a in zip(
-        _Records.COLUMNS, ("paths", "sizes", "sha256", "widths", "heights"))}
+    items = _columns(_record(old, i) for i in keep)
 
     def fill(mm):
         for start in range(0, len(keep), 65536):  # in slices: a memory map need not be read whole
@@ -1266,8 +1273,7 @@ def merge_indexes(paths: Sequence, out_path, *, dtype: str | None = None,
             continue
         first_of_sha[sha] = path
         keep.append((part_no, row))
-    items = {c: [getattr(parts[pn], a)[r] for pn, r in keep] for c, a in zip(
-        _Records.COLUMNS, ("paths", "sizes", "sha256", "widths", "heights"))}
+    items = _columns(_record(parts[pn], r) for pn, r in keep)
 
     def fill(mm):
         by_part: dict[int, list[tuple[int, int]]] = {}
@@ -1321,6 +1327,6 @@ def write_vectors_index(out_path, vectors, paths: Sequence[str], *, model: str, 
 
 __all__ = [
     "ImageEmbedder", "Index", "SearchResult", "BuildReport", "Removed", "build_index", "add_images",
-    "remove_images", "merge_indexes", "load_index", "write_vectors_index", "scan_images", "parse_shard", "in_shard", "check_compatible",
-    "default_nlist", "IMAGE_EXTENSIONS", "FAISS_THRESHOLD", "DTYPES",
+    "remove_images", "merge_indexes", "load_index", "write_vectors_index", "scan_images", "parse_shard",
+    "in_shard", "check_compatible", "default_nlist", "IMAGE_EXTENSIONS", "FAISS_THRESHOLD", "DTYPES",
 ]
