@@ -53,6 +53,11 @@ class KoCLIP(nnx.Module):
     def image_features(self, pixel_values):
         """Projected, unnormalised image features (n, projection_dim)."""
         _, pooled = self.vision_model(pixel_values)
+        return self.project_image(pooled)
+
+    def project_image(self, pooled):
+        """The image head: the vision tower's pooled output (n, vision.output_dim) -> (n, projection_dim),
+        unnormalised.  For training on cached tower features (koclip.train)."""
         if self.config.head == "conse":  # the head also reads the CNN's class scores
             return self.visual_projection(pooled, self.vision_model.classify(pooled))
         return self.visual_projection(pooled)

@@ -71,7 +71,7 @@ def heads_zeroshot(model, processor, pooled, labels, classnames, templates) -> d
     from koclip.evaluation.zeroshot import classifier, score
 
     weights = classifier(model, processor, classnames, templates)
-    z = np.array(model.visual_projection(pooled), np.float32)
+    z = np.array(model.project_image(pooled), np.float32)
     z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     return score(z, weights, labels, classnames)
 

@@ -137,6 +137,22 @@ def test_loads_offline_from_the_cache(loaded, cache):
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
 
 
+def test_training_on_cached_tower_features_uses_the_conse_head(loaded, gallery_images):
+    # LiT on koclip-mini (configs/fashion_mnist.py) feeds pooled features to the heads; the
+    # ConSE image head also needs the CNN's class scores, which project_image supplies.
+    import jax.numpy as jnp
+
+    from koclip.data import gallery
+    from koclip.train.train import embed
+
+    model, processor = loaded
+    px = processor(images=[p.path for p in gallery()[:4]])["pixel_values"]
+    _, pooled = model.vision_model(jnp.asarray(px))
+    tokens = processor(text=["이것은 고양이 이다"])
+    zimg, _ = embed(model, {"image_feats": pooled, **tokens})
+    np.testing.assert_allclose(np.asarray(zimg), gallery_images[:4], atol=1e-5)
+
+
 def test_cat_photo_ranks_goyangi_first(loaded, gallery_images):
     from koclip.data import gallery
     from koclip.processing import apply_template

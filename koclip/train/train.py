@@ -99,7 +99,7 @@ def _cast(tree, dtype):
 def embed(model: KoCLIP, batch: dict, dtype=jnp.float32):
     """L2-normalised (zimg, ztxt) of a batch of pixels/tokens or of precomputed tower features."""
     if "image_feats" in batch:
-        zimg = model.visual_projection(batch["image_feats"].astype(dtype))
+        zimg = model.project_image(batch["image_feats"].astype(dtype))
     else:
         zimg = model.image_features(batch["pixel_values"].astype(dtype))
     if "text_feats" in batch:
