@@ -24,7 +24,7 @@ class LoadInfo:
     source: str
     path: str
     seconds: float
-    weights: str = ""  # koclip.embedder.model_digest of the float32 weights, before any quantising
+    weights: str = ""  # koclip.embedder.model_digest of the float32 weights, set when load quantises
 
 
 def load(name: str = "koclip-mini", *, revision: str | None = None, precision: str | None = None):
@@ -63,11 +63,8 @@ def load(name: str = "koclip-mini", *, revision: str | None = None, precision: s
 
 
 def _finish(model, name, source, path, t0):
-    from koclip.embedder import model_digest
-
     # Plain attribute outside nnx's state: a frozen record of provenance.
-    object.__setattr__(model, "load_info", LoadInfo(name, source, str(path), time.perf_counter() - t0,
-                                                    model_digest(model)))
+    object.__setattr__(model, "load_info", LoadInfo(name, source, str(path), time.perf_counter() - t0))
 
 
 def _with_precision(model, precision):
@@ -83,6 +80,10 @@ def _with_precision(model, precision):
         mode, exclude = {"bfloat16": "bf16"}.get(precision, precision), None
     if mode not in quantize.MODES:
         raise CheckpointError(f"unknown precision {precision!r}; valid: fp32, bf16, int8, auto")
+    from koclip.embedder import model_digest
+
+    # Index fingerprints need the float32 weights' digest, which quantising would change.
+    object.__setattr__(model, "load_info", dataclasses.replace(model.load_info, weights=model_digest(model)))
     # In place: each float32 kernel is freed as soon as it is replaced.
     return quantize.quantize(model, mode, exclude=exclude, copy=False)
 
