@@ -13,6 +13,11 @@ On disk an index is a directory:
       items.<token>.json      per-image columns, row i <-> vector i:
                               path (relative to images_root, '/'-separated), size,
                               sha256 (of the file bytes), width, height
+
+meta.json records images_root both as an absolute path and relative to the
+index directory.  On loading, the relative one wins when that folder exists,
+so an index and its photos moved or cloned together (a repository, a copied
+drive) still find each other; an index moved on its own uses the absolute one.
       ivf.<token>.faiss       optional approximate index (faiss IVF, ids = vector rows)
 
 Data files are never changed in place.  A writer adds files under fresh names,
@@ -704,6 +709,26 @@ def _one_thread_if(condition: bool):
         faiss.omp_set_num_threads(before)
 
 
+def _relative_root(out: Path, images_root) -> str | None:
+    """`images_root` relative to the index directory `out`, '/'-separated; None when
+    there is no relative path (another drive on Windows)."""
+    try:
+        return Path(os.path.relpath(Path(images_root).absolute(), Path(out).absolute())).as_posix()
+    except ValueError:
+        return None
+
+
+def _images_root(path: Path, meta: dict) -> Path:
+    """The folder an index's relative paths resolve against: the one at the recorded
+    place relative to the index when it exists, else the recorded absolute path."""
+    relative = meta.get("images_root_relative")
+    if relative is not None:
+        moved = Path(os.path.normpath(Path(path).absolute() / relative))
+        if moved.is_dir():
+            return moved
+    return Path(meta["images_root"])
+
+
 class Index:
     """An image-embedding index in memory.
 
@@ -722,7 +747,7 @@ class Index:
         self.dtype = meta["dtype"]
         self.count = meta["count"]
         self.created = meta.get("created")
-        self.root = Path(meta["images_root"])
+        self.root = _images_root(path, meta)
         self.paths: list[str] = items["path"]
         self.sizes: list[int] = items["size"]
         self.sha256: list[str] = items["sha256"]
@@ -982,7 +1007,7 @@ def _write_index(out: Path, *, model: str, fingerprint: str, dim: int, dtype: st
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model, "fingerprint": fingerprint,
                 "dim": int(dim), "dtype": dtype, "normalised": True, "count": int(count),
                 "created": created or _now(), "updated": None, "images_root": str(images_root),
-                "files": files, "ivf": None}
+                "images_root_relative": _relative_root(out, images_root), "files": files, "ivf": None}
         flat, vectors = _read_vectors(out / files["vectors"]["name"], count, dim, dtype, files["vectors"])
         index = Index(out, meta, {c: items[c] for c in _Records.COLUMNS}, flat, vectors)
         if faiss is True or (faiss == "auto" and count >= FAISS_THRESHOLD):

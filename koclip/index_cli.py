@@ -108,7 +108,7 @@ def _merge(args) -> int:
 
 def _info(args) -> int:
     index = kidx.load_index(args.index)
-    meta = dict(index.meta)
+    meta = dict(index.meta, images_root=str(index.root))  # where the photos are found now
     print(json.dumps({k: meta[k] for k in ("model", "fingerprint", "dim", "dtype", "count", "created",
                                            "updated", "images_root", "ivf") if k in meta},
                      indent=1, ensure_ascii=False))

@@ -136,6 +136,23 @@ def test_round_trip_keeps_vectors_and_per_image_records(photos, tmp_path):
     assert index.full_path(index.paths[i]) == root.resolve() / "reds/sub/pinkish red.PNG"
 
 
+def test_an_index_moved_with_its_photos_finds_them_and_one_moved_alone_keeps_the_old_place(tmp_path):
+    project = tmp_path / "project"
+    make_photos(project / "photos")
+    emb = TinyEmbedder()
+    build(emb, project / "photos", project / "indexes" / "p.kidx")
+    moved = tmp_path / "clone"
+    shutil.copytree(project, moved)  # as a git clone elsewhere would be
+    index = load_index(moved / "indexes" / "p.kidx", emb)
+    assert index.root == moved / "photos"
+    assert index.full_path("reds/red.png").is_file()
+    report = add_images(moved / "indexes" / "p.kidx", emb, moved / "photos", progress=False)
+    assert (report.indexed, report.embedded, report.count) == (0, 0, 20)
+    # The index alone, copied away from any photos: the absolute path recorded at build time.
+    shutil.copytree(project / "indexes" / "p.kidx", tmp_path / "alone.kidx")
+    assert load_index(tmp_path / "alone.kidx", emb).root == (project / "photos").resolve()
+
+
 def test_float32_index_stores_the_model_output_exactly(photos, tmp_path):
     root, images = photos
     emb = TinyEmbedder()
