@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # jax probing for a TPU, faiss choosing a SIMD build: not news for a CLI user
+        for name in ("jax", "faiss"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args) or 0
     except KoclipError as e:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from koclip import index as kidx
 from koclip.errors import IndexFileError
@@ -137,8 +136,6 @@ def _search(args) -> int:
 
 def register(subparsers) -> None:
     """Add `index` and its subcommands to the `koclip` command's subparsers."""
-    # faiss logs at INFO which SIMD library it tried to load; not news for a CLI user.
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     p = subparsers.add_parser("index", help="image-embedding indexes for text-to-image search")
     sub = p.add_subparsers(dest="index_command", required=True)
 
