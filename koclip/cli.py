@@ -1,7 +1,7 @@
 """The `koclip` command.
 
     koclip models                         list the registry
-    koclip classify IMAGE LABEL...        zero-shot classification of one image
+    koclip classify IMAGE LABEL...        zero-shot classification of one image (file or URL)
     koclip index build|merge|search ...   image-embedding indexes
     koclip train --config configs/NAME.py training (koclip.train)
     koclip eval zeroshot|retrieval ...    evaluation
@@ -32,17 +32,33 @@ def _models(args) -> int:
     return 0
 
 
+def _open_source(source: str):
+    """An image from a file path, or from an http(s) URL through koclip.fetch's guarded client."""
+    from koclip.images import open_image
+
+    if source.lower().startswith(("http://", "https://")):
+        from koclip.fetch import fetch_image
+
+        return fetch_image(source)
+    return open_image(source)
+
+
 def _classify(args) -> int:
     import numpy as np
 
     import koclip
-    from koclip.images import open_image
 
-    model, processor = koclip.load(args.model)
+    # Everything about the input is checked before the model loads (seconds), so a typo fails at once.
     labels, dropped = koclip.processing.clean_labels(args.labels)
     if len(labels) < 2:
         raise KoclipError("give at least two distinct, non-empty labels")
-    batch = processor(text=koclip.apply_template(labels, args.template), images=[open_image(args.image)])
+    texts = koclip.apply_template(labels, args.template)
+    image = _open_source(args.image)
+    if dropped:
+        print(f"koclip: ignored {len(dropped)} blank or repeated label(s): {', '.join(map(repr, dropped))}",
+              file=sys.stderr)
+    model, processor = koclip.load(args.model)
+    batch = processor(text=texts, images=[image])
     zimg = np.asarray(model.encode_image(batch["pixel_values"]))
     ztxt = np.asarray(model.encode_text(batch["input_ids"], batch["attention_mask"]))
     logits = 100.0 * zimg @ ztxt.T
@@ -59,10 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the named models")
     p.set_defaults(func=_models)
     p = sub.add_parser("classify", help="rank labels for one image")
-    p.add_argument("image")
-    p.add_argument("labels", nargs="+")
-    p.add_argument("--model", default="koclip-mini")
-    p.add_argument("--template", default="이것은 {} 이다", help="prompt template ('' for none)")
+    p.add_argument("image", help="an image file, or an http(s) URL (private addresses are refused)")
+    p.add_argument("labels", nargs="+", help="two or more labels, e.g. 고양이 강아지 자동차")
+    p.add_argument("--model", default="koclip-mini",
+                   help="a name from `koclip models`, a hub id or a local directory (default: koclip-mini)")
+    p.add_argument("--template", default="이것은 {} 이다",
+                   help="prompt template, {} marks the label (default: '이것은 {} 이다'; '' for none)")
     p.set_defaults(func=_classify)
     for name in _SUBCOMMAND_MODULES:
         try:
