@@ -187,6 +187,18 @@ def test_eval_zeroshot_prints_a_table_and_writes_json_and_csv(tmp_path, tiny_mod
     assert (tmp_path / "r.csv").read_text().splitlines()[0] == "class,top1"
 
 
+def test_zeroshot_table_lines_up_korean_and_english_class_names():
+    import unicodedata
+
+    from koclip.evaluation.cli import zeroshot_table
+
+    table = zeroshot_table({"per_class": {"앵클 부츠": 0.5, "bag": 1.0, "티셔츠/상의": None},
+                            "top1": 0.6, "top5": 1.0, "n": 5, "skipped": 0})
+    columns = lambda line: sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line)  # noqa: E731
+    rows = table.splitlines()[:4]
+    assert len({columns(r) for r in rows}) == 1, rows  # every percentage ends in the same terminal column
+
+
 def test_eval_retrieval_reports_recall_both_ways(tmp_path, tiny_model_dir, capsys):
     from PIL import Image
 

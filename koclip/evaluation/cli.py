@@ -10,6 +10,7 @@ import io
 import json
 import os
 import tempfile
+import unicodedata
 from pathlib import Path
 
 
@@ -36,10 +37,16 @@ def _templates(arg):
     return tuple(ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip())
 
 
+def _left(text: str, width: int) -> str:
+    """`text` padded to `width` terminal columns: Hangul and other wide characters take two."""
+    columns = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    return text + " " * max(width - columns, 0)
+
+
 def zeroshot_table(result: dict) -> str:
     rows = [f"{'class':20s} {'top-1':>7s}"]
     for name, acc in result["per_class"].items():
-        rows.append(f"{name:20s} {'-' if acc is None else f'{acc * 100:6.2f}%':>7s}")
+        rows.append(f"{_left(name, 20)} {'-' if acc is None else f'{acc * 100:6.2f}%':>7s}")
     rows.append("")
     for key in sorted(k for k in result if k.startswith("top")):
         rows.append(f"{key:20s} {result[key] * 100:6.2f}%")
