@@ -241,6 +241,7 @@ def test_image_to_text_ranks_every_label_of_an_uploaded_photo(app):
     assert sorted(label for label, _ in result) == sorted(["고양이", "강아지", "자동차", "커피", "산"])
     assert sum(float(v.strip("<%")) for _, v in result) == pytest.approx(100, abs=0.5)
     assert not at.exception
+    assert not any("ImageNet" in c.value for c in at.main.caption)  # koclip-mini's note is for koclip-mini only
 
 
 def test_the_sidebar_shows_the_active_model_and_where_its_weights_came_from(app, tiny_dir):
@@ -386,6 +387,7 @@ def test_mini_ranks_cat_first_for_the_uploaded_cat_photo(app, mini_engine):
     upload(at, "cat.jpg", CAT.read_bytes(), "image/jpeg")
     at.text_area(key="i2t_labels").input("강아지\n고양이\n자동차\n비행기").run()
     assert ranked_lines(at)[0][0] == "고양이"
+    assert any("ImageNet" in c.value for c in at.main.caption)  # the model's limits, said under the result
 
 
 def test_mini_finds_the_beach_and_the_cats_for_korean_queries(app, mini_engine):
