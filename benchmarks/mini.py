@@ -10,8 +10,8 @@ Prints:
    them); recorded in koclip/mini/koclip-mini.json, with every route compared;
 2. zero-shot top-1 of the shipped model on the 34 gallery photos against the
    39 ZEROSHOT_LABELS, Korean and English, prompt-ensembled over the app's
-   templates and with the single default template; then, for each photo
-   missed in either language, the CNN's own top-3 ImageNet classes;
+   templates and with the single default template; then, for each photo,
+   the CNN's own top-5 ImageNet classes and the languages it was missed in;
 3. load times in fresh processes: cold (empty cache) and warm (cache
    reused), from process start and from the `koclip.load` call to the first
    text and the first image embedding; warm again with JAX's persistent
@@ -130,21 +130,24 @@ def zeroshot(model, processor, templates: dict) -> dict:
     return out
 
 
-def cnn_view(model, processor, missed: set[str]) -> None:
-    """Prints the CNN's own top-3 ImageNet classes for each photo in `missed`:
-    when none of them names the subject, no head on these features can."""
+def cnn_view(model, processor, missed: dict[str, set[str]]) -> None:
+    """Prints the CNN's own top-5 ImageNet classes for every gallery photo, and the
+    languages (ko, en) in which the app's prompt ensemble missed it (`missed`:
+    language -> photo file names).  When none of the classes names the subject,
+    a head on these features can name it only by association."""
     import jax
     import numpy as np
 
     from koclip import data
 
-    photos = [p for p in data.gallery() if p.path.name in missed]
+    photos = data.gallery()
     _, pooled = model.vision_model(processor(images=[p.path for p in photos])["pixel_values"])
     prob = np.asarray(jax.nn.softmax(model.vision_model.classify(pooled), axis=-1))
     names = data.imagenet_classes("en")
     for photo, row in zip(photos, prob):
-        top = np.argsort(-row)[:3]
-        print(f"    {photo.path.name:18s} ({photo.label_en}): "
+        top = np.argsort(-row)[:5]
+        langs = ",".join(lang for lang in ("ko", "en") if photo.path.name in missed[lang]) or "-"
+        print(f"    {photo.path.name:18s} {langs:6s} ({photo.label_en}): "
               + "; ".join(f"{names[j]} {row[j]:.2f}" for j in top))
 
 
@@ -195,7 +198,7 @@ def main() -> None:
 
     model, processor = koclip.load("koclip-mini")
     print("\n2. gallery zero-shot top-1 (34 photos, 39 labels)")
-    missed: set[str] = set()  # photos the app's prompt ensemble gets wrong in either language
+    missed = {}  # language -> photos the app's prompt ensemble gets wrong
     for name, templates in (("app templates, ensembled", {"ko": KOREAN_TEMPLATES, "en": ENGLISH_TEMPLATES}),
                             ("one template", {"ko": ("이것은 {} 이다",), "en": ("a photo of a {}.",)})):
         res = zeroshot(model, processor, templates)
@@ -203,8 +206,8 @@ def main() -> None:
         if name.startswith("app"):
             for lang in ("ko", "en"):
                 print(f"    {lang} misses: " + ", ".join(f"{f}->{lab}" for f, lab in res[lang][1]))
-            missed = {f for f, _ in res["ko"][1]} | {f for f, _ in res["en"][1]}
-    print("  what the CNN itself sees in the missed photos (its top-3 ImageNet classes):")
+            missed = {lang: {f for f, _ in res[lang][1]} for lang in ("ko", "en")}
+    print("  what the CNN itself sees (its top-5 ImageNet classes), and where the model missed each photo:")
     cnn_view(model, processor, missed)
     print("\n4. warm latency, one image against 10 labels")
     latency(model, processor, args.runs, "fp32")
