@@ -172,7 +172,9 @@ def image_input(key: str, default_sample: str = "cat_chelsea.jpg", preview: bool
         cache_key, caption, shown = "url:" + hashlib.sha256(data).hexdigest(), url, data
     if preview:
         # The file's own bytes (or path): re-encoding the decoded image on every rerun costs tens of ms.
-        st.image(shown if _browser_can_show(shown) else image, caption=f"{caption} · {image.width}×{image.height}", width=min(image.width, 480))
+        # "content": the image's own width, but never wider than the column (a phone's, too).
+        st.image(shown if _browser_can_show(shown) else image, caption=f"{caption} · {image.width}×{image.height}",
+                 width="content")
     else:
         st.caption(f"{caption} · {image.width}×{image.height}")
     return image, cache_key

@@ -137,3 +137,24 @@ def test_upload_a_photo_type_labels_and_read_the_ranking(server):
     if model == "koclip-mini":
         assert ranked[0] == "고양이"
     assert "Traceback" not in log.read_text()
+
+
+def test_on_a_phone_wide_screen_the_photo_fits_its_column(server):
+    from playwright.sync_api import sync_playwright
+
+    url, _, _ = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 400, "height": 900})
+            page.goto(f"{url}/image_to_text")
+            photo = page.get_by_test_id("stImage").locator("img").first
+            photo.wait_for(timeout=60_000)
+            page.wait_for_function("() => [...document.images].every(i => i.complete)", timeout=30_000)
+            box = photo.bounding_box()
+            # The sample-photo picker above the photo spans the column.
+            column = page.get_by_test_id("stSelectbox").filter(has_text="샘플 사진 / Sample photo").bounding_box()
+        finally:
+            browser.close()
+    assert box["width"] > 100  # shown, not collapsed
+    assert box["x"] + box["width"] <= column["x"] + column["width"] + 1, (box, column)
