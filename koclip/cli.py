@@ -97,8 +97,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # jax probing for a TPU, faiss choosing a SIMD build: not news for a CLI user
-        for name in ("jax", "faiss"):
+    if not args.verbose:
+        # jax probing for a TPU, faiss choosing a SIMD build: not news for a CLI user; and the
+        # index commands print their own reports, which koclip.index's INFO lines would repeat.
+        for name in ("jax", "faiss", "koclip.index"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args) or 0

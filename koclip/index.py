@@ -1258,7 +1258,7 @@ def remove_images(index_path, paths: Sequence = (), *, missing: bool = False) ->
         images_root=str(old.root), items=items, count=len(keep), fill_vectors=fill, created=old.created,
         faiss=bool(old.ivf_params) and len(keep) > 0)
     removed = sorted(old.paths[i] for i in drop)
-    log.info("removed %d images from %s in %.1f s; %d left", len(removed), path, time.perf_counter() - t0,
+    log.info("removed %d image(s) from %s in %.1f s; %d left", len(removed), path, time.perf_counter() - t0,
              index.count)
     return Removed(removed, index.count)
 

@@ -17,7 +17,7 @@ import argparse
 import json
 
 from koclip import index as kidx
-from koclip.errors import IndexFileError
+from koclip.errors import IndexFileError, KoclipError
 
 
 def _embedder(name: str):
@@ -117,6 +117,8 @@ def _info(args) -> int:
 def _search(args) -> int:
     import koclip
 
+    if any(not t.strip() for t in args.text):
+        raise KoclipError("a search query is empty; give some words to search for, e.g. \"바닷가의 일몰\"")
     index = kidx.load_index(args.index)
     name = args.model or index.model
     if name != index.model:

@@ -90,3 +90,8 @@ def test_a_file_that_is_not_an_image_is_refused_before_the_model_loads(monkeypat
     monkeypatch.setattr(koclip, "load", lambda *a, **kw: pytest.fail("the model was loaded"))
     assert main(["classify", str(tmp_path / "notes.jpg"), "a", "b"]) == 2
     assert "not an image in a supported format" in capsys.readouterr().err
+
+
+def test_an_empty_search_query_is_refused(tmp_path, capsys):
+    assert main(["index", "search", str(tmp_path / "any.kidx"), "바다", "  "]) == 2
+    assert "a search query is empty" in capsys.readouterr().err
