@@ -13,12 +13,12 @@ On disk an index is a directory:
       items.<token>.json      per-image columns, row i <-> vector i:
                               path (relative to images_root, '/'-separated), size,
                               sha256 (of the file bytes), width, height
+      ivf.<token>.faiss       optional approximate index (faiss IVF, ids = vector rows)
 
 meta.json records images_root both as an absolute path and relative to the
 index directory.  On loading, the relative one wins when that folder exists,
 so an index and its photos moved or cloned together (a repository, a copied
 drive) still find each other; an index moved on its own uses the absolute one.
-      ivf.<token>.faiss       optional approximate index (faiss IVF, ids = vector rows)
 
 Data files are never changed in place.  A writer adds files under fresh names,
 then replaces meta.json (os.replace, atomic) and only then deletes the files
