@@ -9,12 +9,16 @@
 - `hf_cache`: an empty huggingface_hub cache in tmp_path, with `hf_cache.put(repo_id, src_dir)`
   to lay a checkpoint out as a downloaded snapshot.  It does not switch the hub off: tests set
   HF_HUB_OFFLINE or HF_ENDPOINT themselves.
+- `http_server`: tmp_path served over HTTP on 127.0.0.1 (a loopback address, so koclip.fetch
+  refuses it unless KOCLIP_ALLOW_PRIVATE_URLS=1); the base URL.
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -135,3 +139,15 @@ def hf_cache(tmp_path, monkeypatch) -> HubCache:
     monkeypatch.setenv("HF_HUB_CACHE", str(root))
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(root))
     return HubCache(root)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serves tmp_path on 127.0.0.1:<free port>; yields the base URL."""
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **kw)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

@@ -4,10 +4,8 @@ Most page tests run a tiny random checkpoint written here (real code paths, mean
 scores); the tests that check real results use koclip-mini and skip while it cannot load.
 """
 
-import http.server
 import io
 import logging
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -76,18 +74,6 @@ def tiny_engine(tiny_dir):
     from pages import _common
 
     return _common._engine(str(tiny_dir))
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    """Serves tmp_path on 127.0.0.1:<free port>; yields the base URL."""
-    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **kw)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def upload(at, name, data, mime):

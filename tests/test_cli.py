@@ -1,8 +1,6 @@
 """Tests for the `koclip` command itself (its index, train and eval subcommands are tested beside those)."""
 
-import http.server
 import shutil
-import threading
 
 import pytest
 
@@ -35,15 +33,10 @@ def loads(mini, monkeypatch):
 
 
 @pytest.fixture
-def served(tmp_path):
-    """coffee.jpg served on 127.0.0.1; yields its URL."""
+def served(http_server, tmp_path):
+    """coffee.jpg served on 127.0.0.1; its URL."""
     shutil.copy(COFFEE, tmp_path / "coffee.jpg")
-    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **kw)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/coffee.jpg"
-    server.shutdown()
-    server.server_close()
+    return f"{http_server}/coffee.jpg"
 
 
 def ranking(out: str) -> list[tuple[float, str]]:
