@@ -51,6 +51,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 import unicodedata
 import zipfile
@@ -206,24 +207,85 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+# Locks held by this process: resolved index directory -> thread that holds it (see _writer_lock).
+_HELD: dict[Path, int] = {}
+_HELD_GUARD = threading.Lock()
+# How long a writer waits for another process's write to the same index before giving up.
+LOCK_WAIT_SECONDS = 60.0
+
+
+def _lock_holder(lock_file: Path) -> str:
+    """What the lock file says about the process holding it, for messages."""
+    try:
+        info = json.loads(lock_file.read_text() or "{}")
+        return f"process {info['pid']} ({info['what']}, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another koclip process"
+
+
 @contextlib.contextmanager
-def _lock(directory: Path, what: str):
-    """Hold an exclusive advisory lock on `directory`/.lock, or fail if another process holds it."""
+def _writer_lock(directory: Path, what: str, wait: float | None = None):
+    """Hold the index's writer lock (`directory`/.lock, an advisory flock) for the whole block.
+
+    Every writer takes it before reading what it will change and keeps it until
+    meta.json is committed, so two writers never commit over each other.  If
+    another process holds it, wait up to `wait` seconds (default
+    LOCK_WAIT_SECONDS), saying so once, then raise IndexFileError naming the
+    holder.  Nested use by the same thread is a no-op; another thread of this
+    process waits like another process would.
+    """
+    wait = LOCK_WAIT_SECONDS if wait is None else wait
     directory.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:  # pragma: no cover
+    key = directory.resolve()
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        if _HELD.get(key) == me:
+            nested = True
+        else:
+            nested = False
+    if nested or fcntl is None:
         yield
         return
-    with open(directory / ".lock", "a") as f:
+    lock_file = directory / ".lock"
+    with open(lock_file, "a+") as f:
+        deadline = time.monotonic() + wait
+        said = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _lock_holder(lock_file)
+                if time.monotonic() >= deadline:
+                    raise IndexFileError(
+                        f"{directory} is in use by {holder}; waited {wait:g} s for it to finish before "
+                        f"{what}. Run this again when it is done, or delete {lock_file} if that process is "
+                        "gone") from None
+                if not said:
+                    log.warning("%s is in use by %s; waiting up to %g s before %s", directory, holder, wait,
+                                what)
+                    said = True
+                time.sleep(0.05)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise IndexFileError(
-                f"{directory} is in use by another koclip process ({what}); "
-                "wait for it to finish, or delete the directory if that process is gone") from None
-        try:
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps({"pid": os.getpid(), "what": what,
+                                "since": datetime.datetime.now().strftime("%H:%M:%S")}))
+            f.flush()
+            with _HELD_GUARD:
+                _HELD[key] = me
             yield
         finally:
+            with _HELD_GUARD:
+                _HELD.pop(key, None)
+            with contextlib.suppress(OSError):
+                f.truncate(0)
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _holds_writer_lock(directory: Path) -> bool:
+    with _HELD_GUARD:
+        return fcntl is None or _HELD.get(directory.resolve()) == threading.get_ident()
 
 
 def _normalise_rows(v: np.ndarray, what: str) -> np.ndarray:
@@ -835,7 +897,7 @@ class Index:
         self._ivf = ivf
         self.meta["ivf"] = params
         try:
-            with _lock(self.path, "saving a faiss index"):
+            with _writer_lock(self.path, "saving a faiss index", wait=0):
                 meta = _read_meta(self.path)
                 if meta["files"]["vectors"] == self.meta["files"]["vectors"]:
                     meta["files"]["ivf"] = _write_data_file(self.path, "ivf", ".faiss",
@@ -990,34 +1052,36 @@ def _write_index(out: Path, *, model: str, fingerprint: str, dim: int, dtype: st
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     _check_target(out)
-    with _lock(out, "writing the index"):
-        def write_vectors(p):
-            mm = np.lib.format.open_memmap(p, mode="w+", dtype=dtype, shape=(count, dim))
-            if count:
-                fill_vectors(mm)
-                mm.flush()
-            del mm
+    if not _holds_writer_lock(out):
+        raise RuntimeError(f"_write_index({out}) called without the index's writer lock")
 
-        files = {
-            "vectors": _write_data_file(out, "vectors", ".npy", write_vectors),
-            "items": _write_data_file(out, "items", ".json", lambda p: p.write_bytes(
-                _json_bytes({c: items[c] for c in _Records.COLUMNS}))),
-            "ivf": None,
-        }
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model, "fingerprint": fingerprint,
-                "dim": int(dim), "dtype": dtype, "normalised": True, "count": int(count),
-                "created": created or _now(), "updated": None, "images_root": str(images_root),
-                "images_root_relative": _relative_root(out, images_root), "files": files, "ivf": None}
-        flat, vectors = _read_vectors(out / files["vectors"]["name"], count, dim, dtype, files["vectors"])
-        index = Index(out, meta, {c: items[c] for c in _Records.COLUMNS}, flat, vectors)
-        if faiss is True or (faiss == "auto" and count >= FAISS_THRESHOLD):
-            ivf, params = _updated_ivf(ivf_from, new_rows, index) or _build_ivf(flat, vectors)
-            import faiss as _faiss
+    def write_vectors(p):
+        mm = np.lib.format.open_memmap(p, mode="w+", dtype=dtype, shape=(count, dim))
+        if count:
+            fill_vectors(mm)
+            mm.flush()
+        del mm
 
-            files["ivf"] = _write_data_file(out, "ivf", ".faiss", lambda p: _faiss.write_index(ivf, str(p)))
-            meta["ivf"] = params
-            index._ivf = ivf
-        _commit_meta(out, meta)
+    files = {
+        "vectors": _write_data_file(out, "vectors", ".npy", write_vectors),
+        "items": _write_data_file(out, "items", ".json", lambda p: p.write_bytes(
+            _json_bytes({c: items[c] for c in _Records.COLUMNS}))),
+        "ivf": None,
+    }
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model, "fingerprint": fingerprint,
+            "dim": int(dim), "dtype": dtype, "normalised": True, "count": int(count),
+            "created": created or _now(), "updated": None, "images_root": str(images_root),
+            "images_root_relative": _relative_root(out, images_root), "files": files, "ivf": None}
+    flat, vectors = _read_vectors(out / files["vectors"]["name"], count, dim, dtype, files["vectors"])
+    index = Index(out, meta, {c: items[c] for c in _Records.COLUMNS}, flat, vectors)
+    if faiss is True or (faiss == "auto" and count >= FAISS_THRESHOLD):
+        ivf, params = _updated_ivf(ivf_from, new_rows, index) or _build_ivf(flat, vectors)
+        import faiss as _faiss
+
+        files["ivf"] = _write_data_file(out, "ivf", ".faiss", lambda p: _faiss.write_index(ivf, str(p)))
+        meta["ivf"] = params
+        index._ivf = ivf
+    _commit_meta(out, meta)
     return index
 
 
@@ -1045,7 +1109,8 @@ def _updated_ivf(old: Index | None, new_rows, index: Index):
 
 def build_index(embedder: ImageEmbedder, images_dir, out_path, *, batch_size: int = 32, shard=None,
                 progress: bool = True, num_workers: int = 2, dtype: str = "float16",
-                checkpoint_every: int = 1024, faiss: bool | str = "auto") -> BuildReport:
+                checkpoint_every: int = 1024, faiss: bool | str = "auto",
+                lock_wait: float | None = None) -> BuildReport:
     """Embed every image under `images_dir` and write the index directory `out_path`.
 
     Scans recursively (scan_images), in sorted order, `batch_size` images per
@@ -1059,6 +1124,7 @@ def build_index(embedder: ImageEmbedder, images_dir, out_path, *, batch_size: in
     is replaced when the new one is complete.
     dtype: "float16" (default, half the size) or "float32".
     faiss: build the approximate IVF index: "auto" (when >= FAISS_THRESHOLD images), True, False.
+    lock_wait: seconds to wait while another process writes to `out_path` (default LOCK_WAIT_SECONDS).
     """
     t0 = time.perf_counter()
     if dtype not in DTYPES:
@@ -1072,11 +1138,11 @@ def build_index(embedder: ImageEmbedder, images_dir, out_path, *, batch_size: in
     rels = scan_images(root)
     if shard:
         rels = [r for r in rels if in_shard(r, shard)]
-    journal = _Journal(out.with_name(out.name + _JOURNAL_SUFFIX),
-                       {"kind": "build", "model": embedder.name, "fingerprint": embedder.fingerprint,
-                        "dim": int(embedder.dim), "images_root": str(root),
-                        "shard": list(shard) if shard else None})
-    with _lock(journal.dir, "building an index"):
+    with _writer_lock(out, "building an index", lock_wait):
+        journal = _Journal(out.with_name(out.name + _JOURNAL_SUFFIX),
+                           {"kind": "build", "model": embedder.name, "fingerprint": embedder.fingerprint,
+                            "dim": int(embedder.dim), "images_root": str(root),
+                            "shard": list(shard) if shard else None})
         done = journal.done()
         report = BuildReport(out, resumed=len(done & set(rels)))
         report.embedded, report.model_seconds, report.pipeline_seconds = _embed_files(
@@ -1098,7 +1164,7 @@ def build_index(embedder: ImageEmbedder, images_dir, out_path, *, batch_size: in
             out, model=embedder.name, fingerprint=embedder.fingerprint, dim=int(embedder.dim), dtype=dtype,
             images_root=str(root), items=_items_of(keep, j["records"]), count=len(keep),
             fill_vectors=lambda mm: _fill_from_journal(mm, keep, j), faiss=faiss)
-    journal.remove()
+        journal.remove()
     report.indexed = report.count = index.count
     report.seconds = time.perf_counter() - t0
     _log_report("built", report)
@@ -1128,7 +1194,8 @@ def _log_report(what: str, r: BuildReport) -> None:
 
 
 def add_images(index_path, embedder: ImageEmbedder, paths_or_dir, *, batch_size: int = 32,
-               progress: bool = True, num_workers: int = 2, checkpoint_every: int = 1024) -> BuildReport:
+               progress: bool = True, num_workers: int = 2, checkpoint_every: int = 1024,
+               lock_wait: float | None = None) -> BuildReport:
     """Add images to an existing index: `paths_or_dir` is a file or folder, or a list of them
     (folders are scanned like build_index).
 
@@ -1137,11 +1204,25 @@ def add_images(index_path, embedder: ImageEmbedder, paths_or_dir, *, batch_size:
     not embedded again, only reported as a duplicate; a stored path whose file
     changed gets its vector replaced.  Like build_index, the run is journalled
     (`<index_path>.partial/`) and resumable; the index is replaced atomically.
+    The index's writer lock is held from reading the index to committing it
+    (lock_wait: see build_index).
     """
     t0 = time.perf_counter()
     path = Path(index_path)
-    old = load_index(path, embedder)
-    root = old.root
+    _read_meta(path)  # a missing index is an error here, not a directory the lock creates
+    with _writer_lock(path, "adding images", lock_wait):
+        old = load_index(path, embedder)
+        report, index = _add_locked(old, embedder, paths_or_dir, batch_size=batch_size, progress=progress,
+                                    num_workers=num_workers, checkpoint_every=checkpoint_every)
+    report.count = index.count
+    report.seconds = time.perf_counter() - t0
+    _log_report("added to", report)
+    return report
+
+
+def _add_locked(old: Index, embedder, paths_or_dir, **embed_options) -> tuple[BuildReport, Index]:
+    """add_images' work, with the writer lock held."""
+    path, root = old.path, old.root
     files = []
     for item in [paths_or_dir] if isinstance(paths_or_dir, (str, os.PathLike)) else paths_or_dir:
         p = Path(item).resolve()
@@ -1154,56 +1235,51 @@ def add_images(index_path, embedder: ImageEmbedder, paths_or_dir, *, batch_size:
                         "dim": int(embedder.dim), "images_root": str(root), "shard": None})
     row_of_path = {p: i for i, p in enumerate(old.paths)}
     row_of_sha = {s: i for i, s in enumerate(old.sha256)}
-    with _lock(journal.dir, "adding to an index"):
-        done = journal.done()
-        report = BuildReport(path, resumed=len(done & set(keyed)))
-        report.embedded, report.model_seconds, report.pipeline_seconds = _embed_files(
-            embedder, sorted(keyed.items()), journal, batch_size=batch_size, num_workers=num_workers,
-            progress=progress, checkpoint_every=checkpoint_every, done=done, known=set(old.sha256))
-        j = journal.read()
-        report.skipped = sorted((p, r) for p, r in j["failed"].items() if p in keyed)
-        report.duplicates = sorted((p, old.paths[row_of_sha[s]]) for p, s in j["dups"].items()
-                                   if p in keyed and old.paths[row_of_sha[s]] != p)
-        # Each new record replaces a changed file's row, is appended, or is a duplicate.
-        replace, append = {}, []
-        kept_of_sha = {s: old.paths[i] for s, i in row_of_sha.items()}
-        for key in sorted(k for k in j["records"] if k in keyed):
-            sha = j["records"][key][3]
-            if sha in kept_of_sha:
-                if kept_of_sha[sha] != key:
-                    report.duplicates.append((key, kept_of_sha[sha]))
-                continue
-            kept_of_sha[sha] = key
-            if key in row_of_path:
-                replace[row_of_path[key]] = key
-            else:
-                append.append(key)
-        items = _columns(_record(old, i) for i in range(old.count))
-        for row, key in replace.items():
-            for c, v in zip(_Records.COLUMNS, (key, *j["records"][key][2:])):
-                items[c][row] = v
-        new = _items_of(append, j["records"])
-        for c in _Records.COLUMNS:
-            items[c] += new[c]
-        n_old = old.count
+    done = journal.done()
+    report = BuildReport(path, resumed=len(done & set(keyed)))
+    report.embedded, report.model_seconds, report.pipeline_seconds = _embed_files(
+        embedder, sorted(keyed.items()), journal, done=done, known=set(old.sha256), **embed_options)
+    j = journal.read()
+    report.skipped = sorted((p, r) for p, r in j["failed"].items() if p in keyed)
+    report.duplicates = sorted((p, old.paths[row_of_sha[s]]) for p, s in j["dups"].items()
+                               if p in keyed and old.paths[row_of_sha[s]] != p)
+    # Each new record replaces a changed file's row, is appended, or is a duplicate.
+    replace, append = {}, []
+    kept_of_sha = {s: old.paths[i] for s, i in row_of_sha.items()}
+    for key in sorted(k for k in j["records"] if k in keyed):
+        sha = j["records"][key][3]
+        if sha in kept_of_sha:
+            if kept_of_sha[sha] != key:
+                report.duplicates.append((key, kept_of_sha[sha]))
+            continue
+        kept_of_sha[sha] = key
+        if key in row_of_path:
+            replace[row_of_path[key]] = key
+        else:
+            append.append(key)
+    items = _columns(_record(old, i) for i in range(old.count))
+    for row, key in replace.items():
+        for c, v in zip(_Records.COLUMNS, (key, *j["records"][key][2:])):
+            items[c][row] = v
+    new = _items_of(append, j["records"])
+    for c in _Records.COLUMNS:
+        items[c] += new[c]
+    n_old = old.count
 
-        def fill(mm):
-            mm[:n_old] = old.vectors
-            keys = list(replace.values()) + append
-            rows = list(replace) + list(range(n_old, n_old + len(append)))
-            _fill_from_journal(mm, keys, j, rows)
+    def fill(mm):
+        mm[:n_old] = old.vectors
+        keys = list(replace.values()) + append
+        rows = list(replace) + list(range(n_old, n_old + len(append)))
+        _fill_from_journal(mm, keys, j, rows)
 
-        index = _write_index(
-            path, model=old.model, fingerprint=old.fingerprint, dim=old.dim, dtype=old.dtype,
-            images_root=str(root), items=items, count=n_old + len(append), fill_vectors=fill,
-            created=old.created, faiss="auto" if not old.ivf_params else True, ivf_from=old,
-            new_rows=(list(replace), list(range(n_old, n_old + len(append)))))
+    index = _write_index(
+        path, model=old.model, fingerprint=old.fingerprint, dim=old.dim, dtype=old.dtype,
+        images_root=str(root), items=items, count=n_old + len(append), fill_vectors=fill,
+        created=old.created, faiss="auto" if not old.ivf_params else True, ivf_from=old,
+        new_rows=(list(replace), list(range(n_old, n_old + len(append)))))
     journal.remove()
     report.indexed = len(replace) + len(append)
-    report.count = index.count
-    report.seconds = time.perf_counter() - t0
-    _log_report("added to", report)
-    return report
+    return report, index
 
 
 class Removed(NamedTuple):
@@ -1213,7 +1289,8 @@ class Removed(NamedTuple):
     count: int
 
 
-def remove_images(index_path, paths: Sequence = (), *, missing: bool = False) -> Removed:
+def remove_images(index_path, paths: Sequence = (), *, missing: bool = False,
+                  lock_wait: float | None = None) -> Removed:
     """Remove images from the index at `index_path` and replace it atomically.
 
     paths: images to remove, as stored (what `search` and `info` print) or as
@@ -1222,11 +1299,23 @@ def remove_images(index_path, paths: Sequence = (), *, missing: bool = False) ->
         changes nothing.
     missing: also remove every image whose file no longer exists.
     The vectors file is rewritten without the removed rows; an approximate
-    (IVF) index is trained again on what is left.
+    (IVF) index is trained again on what is left.  The writer lock is held
+    from reading the index to committing it (lock_wait: see build_index).
     """
     t0 = time.perf_counter()
     path = Path(index_path)
-    old = load_index(path)
+    _read_meta(path)  # a missing index is an error here, not a directory the lock creates
+    with _writer_lock(path, "removing images", lock_wait):
+        removed, index = _remove_locked(load_index(path), paths, missing)
+    if removed:
+        log.info("removed %d image(s) from %s in %.1f s; %d left", len(removed), path,
+                 time.perf_counter() - t0, index.count)
+    return Removed(removed, index.count)
+
+
+def _remove_locked(old: Index, paths, missing: bool) -> tuple[list[str], Index]:
+    """remove_images' work, with the writer lock held: (removed stored paths, the index now)."""
+    path = old.path
     row_of_path = {p: i for i, p in enumerate(old.paths)}
     drop, unknown = set(), []
     for given in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
@@ -1244,7 +1333,7 @@ def remove_images(index_path, paths: Sequence = (), *, missing: bool = False) ->
     if missing:
         drop.update(i for i, p in enumerate(old.paths) if not old.full_path(p).is_file())
     if not drop:
-        return Removed([], old.count)
+        return [], old
     keep = np.asarray([i for i in range(old.count) if i not in drop], dtype=np.int64)
     items = _columns(_record(old, i) for i in keep)
 
@@ -1257,14 +1346,11 @@ def remove_images(index_path, paths: Sequence = (), *, missing: bool = False) ->
         path, model=old.model, fingerprint=old.fingerprint, dim=old.dim, dtype=old.dtype,
         images_root=str(old.root), items=items, count=len(keep), fill_vectors=fill, created=old.created,
         faiss=bool(old.ivf_params) and len(keep) > 0)
-    removed = sorted(old.paths[i] for i in drop)
-    log.info("removed %d image(s) from %s in %.1f s; %d left", len(removed), path, time.perf_counter() - t0,
-             index.count)
-    return Removed(removed, index.count)
+    return sorted(old.paths[i] for i in drop), index
 
 
 def merge_indexes(paths: Sequence, out_path, *, dtype: str | None = None,
-                  faiss: bool | str = "auto") -> BuildReport:
+                  faiss: bool | str = "auto", lock_wait: float | None = None) -> BuildReport:
     """Join indexes built by the same model (e.g. the shards of one folder) into `out_path`.
 
     Rows are ordered by path; a path or a content hash that occurs in several
@@ -1308,9 +1394,12 @@ def merge_indexes(paths: Sequence, out_path, *, dtype: str | None = None,
             dest, rows = (np.asarray(x) for x in zip(*pairs))
             mm[dest] = parts[pn].vectors[rows]
 
-    index = _write_index(Path(out_path), model=first.model, fingerprint=first.fingerprint, dim=first.dim,
-                         dtype=dtype or first.dtype, images_root=str(first.root), items=items,
-                         count=len(keep), fill_vectors=fill, faiss=faiss)
+    out = Path(out_path)
+    _check_target(out)
+    with _writer_lock(out, "merging indexes", lock_wait):
+        index = _write_index(out, model=first.model, fingerprint=first.fingerprint, dim=first.dim,
+                             dtype=dtype or first.dtype, images_root=str(first.root), items=items,
+                             count=len(keep), fill_vectors=fill, faiss=faiss)
     report.indexed = report.count = index.count
     report.seconds = time.perf_counter() - t0
     _log_report("merged into", report)
@@ -1319,7 +1408,8 @@ def merge_indexes(paths: Sequence, out_path, *, dtype: str | None = None,
 
 def write_vectors_index(out_path, vectors, paths: Sequence[str], *, model: str, fingerprint: str,
                         images_root=".", sizes=None, sha256=None, widths=None, heights=None,
-                        dtype: str = "float16", faiss: bool | str = "auto") -> Index:
+                        dtype: str = "float16", faiss: bool | str = "auto",
+                        lock_wait: float | None = None) -> Index:
     """Write an index from precomputed vectors (embeddings made elsewhere, or synthetic ones).
 
     vectors: (n, dim) array, any float dtype; rows are L2-normalised here.
@@ -1345,13 +1435,17 @@ def write_vectors_index(out_path, vectors, paths: Sequence[str], *, model: str, 
         for start in range(0, n, 65536):  # normalise block by block: no full float32 copy
             mm[start:start + 65536] = _normalise_rows(v[start:start + 65536], f"vectors[{start}:]")
 
-    return _write_index(Path(out_path), model=model, fingerprint=fingerprint, dim=v.shape[1], dtype=dtype,
-                        images_root=str(Path(images_root).resolve()), items=items, count=n,
-                        fill_vectors=fill, faiss=faiss)
+    out = Path(out_path)
+    _check_target(out)
+    with _writer_lock(out, "writing vectors", lock_wait):
+        return _write_index(out, model=model, fingerprint=fingerprint, dim=v.shape[1], dtype=dtype,
+                            images_root=str(Path(images_root).resolve()), items=items, count=n,
+                            fill_vectors=fill, faiss=faiss)
 
 
 __all__ = [
     "ImageEmbedder", "Index", "SearchResult", "BuildReport", "Removed", "build_index", "add_images",
     "remove_images", "merge_indexes", "load_index", "write_vectors_index", "scan_images", "parse_shard",
     "in_shard", "check_compatible", "default_nlist", "IMAGE_EXTENSIONS", "FAISS_THRESHOLD", "DTYPES",
+    "LOCK_WAIT_SECONDS",
 ]

@@ -62,6 +62,16 @@ def _shard(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"needs a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"needs a positive integer, got {text!r}")
@@ -71,14 +81,15 @@ def _positive(text: str) -> int:
 def _build(args) -> int:
     report = kidx.build_index(
         _embedder(args.model), args.images, args.out, batch_size=args.batch_size, shard=args.shard,
-        progress=not args.no_progress, num_workers=args.workers, dtype=args.dtype, faiss=_FAISS[args.faiss])
+        progress=not args.no_progress, num_workers=args.workers, dtype=args.dtype, faiss=_FAISS[args.faiss],
+        lock_wait=args.wait)
     _print_report(report)
     return 0
 
 
 def _add(args) -> int:
     report = kidx.add_images(args.index, _embedder(args.model), args.paths, batch_size=args.batch_size,
-                             progress=not args.no_progress, num_workers=args.workers)
+                             progress=not args.no_progress, num_workers=args.workers, lock_wait=args.wait)
     _print_report(report)
     return 0
 
@@ -87,7 +98,7 @@ def _remove(args) -> int:
     if not args.paths and not args.missing:
         raise SystemExit("koclip index remove: give the paths to remove, or --missing (or both)")
     try:
-        done = kidx.remove_images(args.index, args.paths, missing=args.missing)
+        done = kidx.remove_images(args.index, args.paths, missing=args.missing, lock_wait=args.wait)
     except ValueError as e:
         raise SystemExit(f"koclip index remove: {e}") from None
     for p in done.paths[:20]:
@@ -100,7 +111,8 @@ def _remove(args) -> int:
 
 
 def _merge(args) -> int:
-    report = kidx.merge_indexes(args.parts, args.out, dtype=args.dtype, faiss=_FAISS[args.faiss])
+    report = kidx.merge_indexes(args.parts, args.out, dtype=args.dtype, faiss=_FAISS[args.faiss],
+                                lock_wait=args.wait)
     _print_report(report)
     return 0
 
@@ -141,6 +153,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("index", help="image-embedding indexes for text-to-image search")
     sub = p.add_subparsers(dest="index_command", required=True)
 
+    def writer(q):
+        q.add_argument("--wait", type=_seconds, default=kidx.LOCK_WAIT_SECONDS, metavar="SECONDS",
+                       help="while another koclip process writes to the same index, wait this long for it "
+                            f"(default {kidx.LOCK_WAIT_SECONDS:g}), then give up; 0: give up at once")
+
     def common(q, *, workers=True):
         q.add_argument("--batch-size", type=_positive, default=32, help="images per model call (default 32)")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -156,6 +173,7 @@ def register(subparsers) -> None:
     q.add_argument("--faiss", choices=sorted(_FAISS), default="auto",
                    help=f"build the approximate-search index (auto: at >= {kidx.FAISS_THRESHOLD:,} images)")
     common(q)
+    writer(q)
     q.set_defaults(func=_build)
 
     q = sub.add_parser("add", help="add image files or folders to an index")
@@ -163,12 +181,14 @@ def register(subparsers) -> None:
     q.add_argument("index")
     q.add_argument("paths", nargs="+", help="image files, or one folder")
     common(q)
+    writer(q)
     q.set_defaults(func=_add)
 
     q = sub.add_parser("remove", help="remove images from an index")
     q.add_argument("index")
     q.add_argument("paths", nargs="*", help="stored paths (as search prints them) or image files")
     q.add_argument("--missing", action="store_true", help="also remove every image whose file is gone")
+    writer(q)
     q.set_defaults(func=_remove)
 
     q = sub.add_parser("merge", help="join indexes built by the same model (e.g. shards)")
@@ -176,6 +196,7 @@ def register(subparsers) -> None:
     q.add_argument("parts", nargs="+")
     q.add_argument("--dtype", choices=kidx.DTYPES, default=None, help="default: the first part's")
     q.add_argument("--faiss", choices=sorted(_FAISS), default="auto")
+    writer(q)
     q.set_defaults(func=_merge)
 
     q = sub.add_parser("info", help="show an index's model, size and settings")
