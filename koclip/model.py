@@ -10,12 +10,12 @@ import numpy as np
 from flax import nnx
 
 from koclip import towers
+from koclip.buckets import BATCH_BUCKETS, bucket
 from koclip.compile_cache import model_jit
 from koclip.config import ModelConfig
 
 # How many times each jitted entry point was traced (= compiled): tests count these.
 TRACES: Counter = Counter()
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
 def l2_normalize(x, eps: float = 1e-12):
@@ -99,8 +99,6 @@ def _pad_rows(x, n: int):
 
 def _bucketed(fn, model, *arrays):
     """Runs `fn(model, *arrays)` in chunks whose row counts are bucket sizes."""
-    from koclip.processing import bucket
-
     n = np.shape(arrays[0])[0]
     if n == 0:
         return jnp.zeros((0, model.config.projection_dim), jnp.float32)

@@ -16,6 +16,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from koclip.buckets import BATCH_BUCKETS
 from koclip.images import ImageSource, open_image, split_grid
 
 Box = tuple[int, int, int, int]
@@ -66,8 +67,6 @@ def rank_patches(model, processor, image: ImageSource, query: str | np.ndarray, 
 def _encode_exact(model, pixels: np.ndarray) -> np.ndarray:
     """encode_image over chunks whose sizes are batch buckets (9 -> 8 + 1), so no padding rows
     are computed: the model would pad 9 crops to 16."""
-    from koclip.model import BATCH_BUCKETS
-
     out, start = [], 0
     while start < len(pixels):
         left = len(pixels) - start

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from koclip.buckets import LENGTH_BUCKETS, bucket
 from koclip.errors import CheckpointError, KoclipError
 
 DEFAULT_TEMPLATE = "이것은 {} 이다"
@@ -27,16 +28,6 @@ KOREAN_TEMPLATES = (
     "이것은 {}의 사진이다",
 )
 ENGLISH_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "this is a {}.")
-LENGTH_BUCKETS = (8, 16, 32, 64, 96, 128, 256, 512)
-
-
-def bucket(n: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket >= n; beyond the largest, the next multiple of it."""
-    for b in buckets:
-        if n <= b:
-            return b
-    top = buckets[-1]
-    return -(-n // top) * top
 
 
 def apply_template(labels: Sequence[str], template: str | None = DEFAULT_TEMPLATE) -> list[str]:

@@ -7,7 +7,8 @@ from flax import nnx
 from koclip import model as model_lib
 from koclip.config import TINY
 from koclip.model import KoCLIP
-from koclip.processing import Processor, apply_template, bucket, clean_labels
+from koclip.buckets import bucket
+from koclip.processing import Processor, apply_template, clean_labels
 from koclip.train import synthetic
 
 
