@@ -11,6 +11,7 @@ from flax import nnx
 from koclip import hub, registry
 from koclip.config import ModelConfig
 from koclip.errors import CheckpointError
+from koclip.fingerprint import model_digest
 from koclip.formats import checkpoints
 from koclip.model import KoCLIP
 from koclip.processing import Processor, image_spec_for, load_tokenizer
@@ -24,7 +25,7 @@ class LoadInfo:
     source: str
     path: str
     seconds: float
-    weights: str = ""  # koclip.embedder.model_digest of the float32 weights, set when load quantises
+    weights: str = ""  # koclip.fingerprint.model_digest of the float32 weights, set when load quantises
 
 
 def load(name: str = "koclip-mini", *, revision: str | None = None, precision: str | None = None):
@@ -80,8 +81,6 @@ def _with_precision(model, precision):
         mode, exclude = {"bfloat16": "bf16"}.get(precision, precision), None
     if mode not in quantize.MODES:
         raise CheckpointError(f"unknown precision {precision!r}; valid: fp32, bf16, int8, auto")
-    from koclip.embedder import model_digest
-
     # Index fingerprints need the float32 weights' digest, which quantising would change.
     object.__setattr__(model, "load_info", dataclasses.replace(model.load_info, weights=model_digest(model)))
     # In place: each float32 kernel is freed as soon as it is replaced.

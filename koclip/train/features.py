@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from koclip.embedder import weights_digest
+from koclip.fingerprint import weights_digest
 from koclip.train.data import Batches, Tokenize
 from koclip.train.parallel import batch_sharding, replicated
 
