@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -421,11 +422,58 @@ def test_journal_of_another_model_is_not_mixed_in(photos, tmp_path):
         build(TinyEmbedder(fingerprint="other"), root, tmp_path / "p.kidx")
 
 
+class OverlapProbe(TinyEmbedder):
+    """A model whose calls only go ahead when loading runs beside them, never before or after.
+
+    `batch_of` maps an image's pixel bytes to its batch.  Preprocessing batch b >= 1 waits until
+    the model has begun batch b - 1, and the model's call for batch k waits until preprocessing of
+    batch k + 1 has begun: both waits end only if the two really run at the same time.  Loading in
+    the model's thread (before or after its call) leaves one side waiting for the other; the
+    timeout is a hang guard, not a speed bound.  What is recorded is the order of events, which
+    no CPU's speed changes.
+    """
+
+    HANG_GUARD_S = 30
+
+    def __init__(self, batch_of: dict, batches: int):
+        super().__init__()
+        self.batch_of, self.batches = batch_of, batches
+        self.events = threading.Condition()
+        self.loading, self.encoding = set(), set()  # batches whose preprocessing / model call has begun
+        self.missed = []  # waits that ended at the hang guard: (side, batch)
+
+    def _wait(self, side, b, ready):
+        with self.events:
+            self.events.notify_all()
+            guard = 0 if self.missed else self.HANG_GUARD_S  # after one miss, fail fast
+            if not self.events.wait_for(ready, guard):
+                self.missed.append((side, b))
+
+    def preprocess(self, images):
+        b = self.batch_of[images[0].tobytes()]
+        with self.events:
+            self.loading.add(b)
+        if b > 0:
+            self._wait("preprocess", b, lambda: b - 1 in self.encoding)
+        return super().preprocess(images)
+
+    def encode_pixels(self, pixels):
+        k = self.calls  # batches go through the model in order
+        with self.events:
+            self.encoding.add(k)
+        if k < self.batches - 1:
+            self._wait("model", k, lambda: k + 1 in self.loading)
+        return super().encode_pixels(pixels)
+
+
 def test_loading_overlaps_with_the_model(photos, tmp_path):
-    # 10 batches, 50 ms preprocessing + 50 ms model each: 1.0 s if run one after the other.
-    root, _ = photos
-    report = build(TinyEmbedder(delay=0.05), root, tmp_path / "p.kidx", batch_size=2)
-    assert report.model_seconds >= 0.5 and report.pipeline_seconds < 0.8
+    # 20 images in 10 batches: preprocessing batch k + 1 and the model's call for batch k overlap in time.
+    root, images = photos
+    probe = OverlapProbe({images[p].tobytes(): i // 2 for i, p in enumerate(sorted(images))}, batches=10)
+    report = build(probe, root, tmp_path / "p.kidx", batch_size=2)
+    assert probe.missed == [], "loading and the model took turns instead of running side by side"
+    assert probe.calls == 10 and report.embedded == len(images) == 20
+    assert 0 < report.model_seconds <= report.pipeline_seconds  # the model's time is part of the loop's
 
 
 # ---------------------------------------------------------------- shards and merge
