@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv browser bench clean
+.PHONY: demo test venv browser datasets bench clean
 
 venv: $(VENV)/.installed
 
@@ -20,13 +20,19 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-nanum >/dev/null) ) || \
 	  echo "note: chromium not installed; the browser test will be skipped"
 
+# Debian's Fashion-MNIST, which scripts/fashion_mnist.py and `koclip eval` read (/usr/share/datasets/fashion-mnist).
+datasets:
+	@test -d /usr/share/datasets/fashion-mnist || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) ) || \
+	  echo "note: dataset-fashion-mnist not installed; scripts/fashion_mnist.py will say how to get it"
+
 demo: venv
 	$(BIN)/streamlit run app.py
 
 test: venv browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: venv
+bench: venv datasets
 	$(BIN)/python -m pip install -q -r requirements-bench.txt
 	$(BIN)/python benchmarks/encode.py
 
