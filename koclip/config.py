@@ -20,6 +20,76 @@ TEXT_KINDS = ("bert", "roberta")
 VISION_KINDS = ("clip", "vit", "efficientnet")
 
 
+# ---------------------------------------------------------------- EfficientNet-Lite sizes
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage: `repeats` MBConv blocks; only the first has `stride`."""
+
+    repeats: int
+    kernel: int
+    stride: int
+    expand: int  # width of the depthwise conv = expand * input width
+    features: int  # output width
+
+
+@dataclasses.dataclass(frozen=True)
+class EfficientNetConfig:
+    """Sizes of an EfficientNet-Lite; see `EFFICIENTNET_LITE0` and `EFFICIENTNET_TINY`."""
+
+    stages: tuple[Stage, ...]
+    stem_features: int = 32
+    head_features: int = 1280
+    num_classes: int = 1000
+    image_size: int = 224
+    bn_epsilon: float = 1e-3
+
+    def blocks(self) -> list[tuple[int, int, int, int, int]]:
+        """Per block (in_features, out_features, kernel, stride, expand), in order."""
+        out = []
+        width = self.stem_features
+        for s in self.stages:
+            for r in range(s.repeats):
+                out.append((width, s.features, s.kernel, s.stride if r == 0 else 1, s.expand))
+                width = s.features
+        return out
+
+
+EFFICIENTNET_LITE0 = EfficientNetConfig(
+    stages=(
+        Stage(1, 3, 1, 1, 16),
+        Stage(2, 3, 2, 6, 24),
+        Stage(2, 5, 2, 6, 40),
+        Stage(3, 3, 2, 6, 80),
+        Stage(3, 5, 1, 6, 112),
+        Stage(4, 5, 2, 6, 192),
+        Stage(1, 3, 1, 6, 320),
+    )
+)
+
+# For tests: the code paths of EFFICIENTNET_LITE0 (block without expansion, expansion with
+# stride 2 and kernel 5, residual after expansion) at a tiny size.
+EFFICIENTNET_TINY = EfficientNetConfig(
+    stages=(Stage(1, 3, 1, 1, 16), Stage(2, 5, 2, 3, 24)),
+    stem_features=8,
+    head_features=160,
+    num_classes=10,
+    image_size=32,
+)
+
+EFFICIENTNET_VARIANTS = {"lite0": EFFICIENTNET_LITE0, "tiny": EFFICIENTNET_TINY}
+
+
+def efficientnet_variant(variant: str) -> EfficientNetConfig:
+    """Variant name ("lite0", "tiny") -> its config."""
+    try:
+        return EFFICIENTNET_VARIANTS[variant]
+    except KeyError:
+        raise CheckpointError(
+            f"unknown EfficientNet variant {variant!r}; valid: {', '.join(EFFICIENTNET_VARIANTS)}"
+        ) from None
+
+
 @dataclass(frozen=True)
 class TextConfig:
     """A BERT-family text encoder (BERT, RoBERTa, XLM-R style)."""
@@ -129,9 +199,7 @@ class VisionConfig:
     @property
     def output_dim(self) -> int:
         if self.kind == "efficientnet":
-            from koclip.towers import efficientnet
-
-            return efficientnet.feature_dim(self.variant)
+            return efficientnet_variant(self.variant).head_features
         return self.hidden_size
 
     @property

@@ -17,6 +17,7 @@ import skimage.data
 from flax import nnx
 from PIL import Image
 
+from koclip.config import EFFICIENTNET_LITE0, EFFICIENTNET_TINY, efficientnet_variant
 from koclip.errors import CheckpointError
 from koclip.images import preprocess
 from koclip.towers import efficientnet as E
@@ -90,7 +91,7 @@ def test_depthwise_conv_equals_grouped_same_conv(size, kernel, stride):
 
 def test_tiny_model_matches_pytorch_reference():
     sd, x, pooled_ref, logits_ref = _tiny_fixture()
-    model = E.load_params(E.convert_state_dict(sd), E.TINY)
+    model = E.load_params(E.convert_state_dict(sd), EFFICIENTNET_TINY)
     features, pooled, logits = _forward(model, jnp.asarray(x))
     assert features.shape == (2, 8, 8, 160)  # two stride-2 layers: 32 -> 8
     np.testing.assert_allclose(pooled, pooled_ref, atol=1e-5)
@@ -101,26 +102,26 @@ def test_missing_weight_raises_checkpoint_error_naming_it():
     params = _tiny_params()
     del params["blocks.1.depthwise_conv.kernel"]
     with pytest.raises(CheckpointError, match=r"missing \(1\): blocks\.1\.depthwise_conv\.kernel"):
-        E.load_params(params, E.TINY)
+        E.load_params(params, EFFICIENTNET_TINY)
 
 
 def test_unexpected_weight_raises_checkpoint_error_naming_it():
     params = _tiny_params()
     params["blocks.0.se_reduce.kernel"] = np.zeros((1, 1, 8, 2), np.float32)
     with pytest.raises(CheckpointError, match=r"unexpected \(1\): blocks\.0\.se_reduce\.kernel"):
-        E.load_params(params, E.TINY)
+        E.load_params(params, EFFICIENTNET_TINY)
 
 
 def test_mis_shaped_weight_raises_checkpoint_error_with_both_shapes():
     params = _tiny_params()
     params["fc.kernel"] = np.zeros((160, 1000), np.float32)
     with pytest.raises(CheckpointError, match=r"fc\.kernel: checkpoint \(160, 1000\), model \(160, 10\)"):
-        E.load_params(params, E.TINY)
+        E.load_params(params, EFFICIENTNET_TINY)
 
 
 def test_unknown_variant_lists_valid_ones():
     with pytest.raises(CheckpointError, match="lite0"):
-        E.config_for("b0")
+        efficientnet_variant("b0")
 
 
 def test_missing_checkpoint_file_raises_checkpoint_error(tmp_path):
@@ -130,7 +131,7 @@ def test_missing_checkpoint_file_raises_checkpoint_error(tmp_path):
 
 def test_lite0_output_shapes():
     def run():
-        model = E.Model(E.LITE0, rngs=nnx.Rngs(0))
+        model = E.Model(EFFICIENTNET_LITE0, rngs=nnx.Rngs(0))
         features, pooled = model(jnp.zeros((2, 224, 224, 3)))
         return features, pooled, model.classify(pooled)
 

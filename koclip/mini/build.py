@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from koclip.config import ModelConfig, TextConfig, VisionConfig
+from koclip.config import ModelConfig, TextConfig, VisionConfig, efficientnet_variant
 from koclip.errors import CheckpointError
 from koclip.formats.convert import assign, flat_params
 from koclip.model import KoCLIP
@@ -388,7 +388,7 @@ def default_heads(config: ModelConfig) -> dict[str, np.ndarray]:
     from koclip.mini.heads import ImageHead, TextHead
     from koclip.towers import efficientnet
 
-    classes = efficientnet.config_for(config.vision.variant).num_classes
+    classes = efficientnet_variant(config.vision.variant).num_classes
     parts = {"text_projection": TextHead(config.text.output_dim),
              "visual_projection": ImageHead(config.vision.output_dim, classes, config.text.output_dim,
                                             config.conse_top_k)}

