@@ -176,7 +176,7 @@ class Engine:
     rerun with the same labels or the same photo skips the model.
     """
 
-    def __init__(self, model, processor, *, text_cache: int = 4096, image_cache: int = 64):
+    def __init__(self, model, processor, *, text_cache: int = 4096, image_cache: int = 64, gallery_cache: int = 4):
         self.model = model
         self.processor = processor
         self.info = getattr(model, "load_info", None)
@@ -184,7 +184,8 @@ class Engine:
         self._texts = LRU(text_cache)
         self._images = LRU(image_cache)
         self._embedder = None
-        self._galleries: dict[str, Gallery] = {}
+        # Bounded: every folder typed into "your gallery" would otherwise keep its index for good.
+        self._galleries = LRU(gallery_cache)
         self._gallery_lock = threading.Lock()
         self.logit_scale = min(float(np.exp(np.asarray(model.logit_scale[...]))), 100.0)
 
@@ -259,15 +260,17 @@ class Engine:
 
     def gallery(self, folder=None, *, progress: Callable[[int, int], None] | None = None,
                 rebuild: bool = False) -> Gallery:
-        """gallery_index(self, folder), kept in memory: later calls for the same folder are free.
+        """gallery_index(self, folder), kept in memory: later calls for one of the last few folders are free.
 
         One build at a time per model: a second session asking for the same folder waits for it.
         """
         key = str(Path(folder).expanduser().resolve()) if folder else ""
         with self._gallery_lock:
-            if rebuild or key not in self._galleries:
-                self._galleries[key] = gallery_index(self, folder, progress=progress, rebuild=rebuild)
-            return self._galleries[key]
+            g = None if rebuild else self._galleries.get(key)
+            if g is None:
+                g = gallery_index(self, folder, progress=progress, rebuild=rebuild)
+                self._galleries.put(key, g)
+            return g
 
     def patches(self, image, query: str, rows: int, cols: int):
         """koclip.patches.rank_patches with the query embedding taken from the cache."""
