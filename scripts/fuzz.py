@@ -405,6 +405,25 @@ def _where(exc: BaseException) -> str:
     return f"{Path(f.filename).name}:{f.name}:{f.lineno}"
 
 
+_FILE_NAMES = {"msgpack": "flax_model.msgpack", "safetensors": "model.safetensors", "torch": "pytorch_model.bin",
+               "config": "config.json"}
+
+
+def export(target: str, data: bytes, dest: Path) -> Path:
+    """Write a finding as the file(s) it stands for, for a regression test: an index directory
+    (meta.json and its two data files), a config directory, or the bytes as they are."""
+    if target == "index":
+        dest.mkdir(parents=True, exist_ok=True)
+        _unpack_index(data, dest)
+    elif target == "config":
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "config.json").write_bytes(data)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+    return dest
+
+
 # ---------------------------------------------------------------- the child: one libFuzzer run
 
 def _child(args) -> None:
@@ -557,8 +576,13 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="forget earlier corpora and findings under OUT")
     p.add_argument("--save-current", action="store_true",
                    help="write each input to OUT/<target>/current-input first (finds inputs that hang in C)")
+    p.add_argument("--export", nargs=2, metavar=("INPUT", "DEST"),
+                   help="write the fuzz input INPUT of TARGET as the file(s) it stands for, at DEST")
     p.add_argument("--child", metavar="TARGET", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.export:
+        print(export(args.target, Path(args.export[0]).read_bytes(), Path(args.export[1])))
+        return 0
     if args.child:
         args.target = args.child
         _child(args)
