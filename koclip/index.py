@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import logging
 import os
@@ -54,7 +55,6 @@ import shutil
 import threading
 import time
 import unicodedata
-import zipfile
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +86,7 @@ _CALIBRATION_MARGIN = 0.02
 _JOURNAL_SUFFIX = ".partial"
 _DATA_FILE = re.compile(r"^(vectors|items|ivf)\.[0-9a-f]+\.(npy|json|faiss)$")
 _READ_BLOCK = 64 << 20
+_MAX_NPY_HEADER = 10000  # numpy's own limit on the header it parses (max_header_size)
 
 
 @runtime_checkable
@@ -440,14 +441,12 @@ class _Journal:
         out = {"records": {}, "chunks": [], "failed": {}, "dups": {}}
         for p in self._chunks():
             try:
-                with np.load(p, allow_pickle=False) as z:
-                    c = {k: z[k] for k in z.files if k != "vectors"}
-                    with z.zip.open("vectors.npy") as f:  # only the header: check the shape
-                        shape = _npy_header(f)[0]
-                if shape[0] != len(c["path"]):
-                    raise ValueError(f"{shape[0]} vectors for {len(c['path'])} records")
-            except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
-                log.warning("journal chunk %s is unreadable (%s); its images will be embedded again", p, e)
+                c = self._columns(p)
+            # A chunk is our own file, so any failure to read it (zipfile and numpy raise a dozen
+            # types on damaged bytes) means damage; dropping it costs only re-embedding its images.
+            except Exception as e:  # noqa: BLE001
+                log.warning("journal chunk %s is unreadable (%s: %s); its images will be embedded again",
+                            p, type(e).__name__, e)
                 p.unlink()
                 continue
             no = len(out["chunks"])
@@ -463,15 +462,42 @@ class _Journal:
                 out["dups"][path] = sha
         return out
 
+    _TEXT = ("path", "sha256", "failed_path", "failed_reason", "dup_path", "dup_sha256")
+    _INTS = ("size", "width", "height")
+
+    @classmethod
+    def _columns(cls, p: Path) -> dict:
+        """A chunk's record columns (all but the vectors), checked to be what `commit` writes:
+        1-D text and integer columns of matching lengths, and as many vector rows as records."""
+        with np.load(p, allow_pickle=False) as z:
+            c = {k: z[k] for k in z.files if k != "vectors"}
+            with z.zip.open("vectors.npy") as f:  # only the header: check the shape
+                shape, _, dtype = _npy_header(f)
+        for k in cls._TEXT + cls._INTS:
+            kind = "U" if k in cls._TEXT else "i"
+            if k not in c or c[k].ndim != 1 or c[k].dtype.kind != kind:
+                got = f"{c[k].shape} {c[k].dtype}" if k in c else "nothing"
+                raise ValueError(f"column {k!r} holds {got}, expected a 1-D {'text' if kind == 'U' else 'int'} array")
+        n = len(c["path"])
+        if any(len(c[k]) != n for k in _Records.COLUMNS) or len(c["failed_path"]) != len(c["failed_reason"]) \
+                or len(c["dup_path"]) != len(c["dup_sha256"]):
+            raise ValueError("its columns differ in length")
+        if len(shape) != 2 or shape[0] != n or dtype.kind != "f":
+            raise ValueError(f"{shape} {dtype} vectors for {n} records")
+        return c
+
     @staticmethod
     def vectors(chunk: Path) -> np.ndarray:
         """The (n, dim) float32 vectors of one chunk."""
         try:
             with np.load(chunk, allow_pickle=False) as z:
-                return z["vectors"]
-        except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
-            raise IndexFileError(f"journal chunk {chunk} became unreadable ({e}); delete it and run "
-                                 "the same command again to redo its images") from None
+                v = z["vectors"]
+            if v.ndim != 2 or v.dtype.kind != "f":
+                raise ValueError(f"its vectors are {v.shape} {v.dtype}, not a 2-D float array")
+            return v
+        except Exception as e:  # noqa: BLE001 - as in `read`: any failure means a damaged chunk
+            raise IndexFileError(f"journal chunk {chunk} became unreadable ({type(e).__name__}: {e}); delete it "
+                                 "and run the same command again to redo its images") from None
 
     def done(self) -> set[str]:
         j = self.read()
@@ -597,11 +623,34 @@ class _VectorsHolder:
 
 
 def _npy_header(f) -> tuple[tuple, bool, np.dtype]:
-    """Read a .npy header from `f` -> (shape, fortran_order, dtype); ValueError if malformed."""
+    """Read a .npy header from `f` -> (shape, fortran_order, dtype); ValueError if malformed.
+
+    The header's declared length is checked before it is read (numpy would read up to 4 GiB
+    first and check after), and whatever numpy's header parser raises on damaged text
+    (tokenize and literal_eval errors among them) comes out as ValueError.
+    """
     version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    return np.lib.format.read_array_header_2_0(f)
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is not one numpy writes (1.0, 2.0, 3.0)")
+    width = 2 if version == (1, 0) else 4
+    length = f.read(width)
+    if len(length) != width:
+        raise ValueError("the file ends inside the .npy header")
+    n = int.from_bytes(length, "little")
+    if n > _MAX_NPY_HEADER:
+        raise ValueError(f"the .npy header claims {n:,} bytes; numpy writes at most {_MAX_NPY_HEADER:,}")
+    text = f.read(n)
+    if len(text) != n:
+        raise ValueError("the file ends inside the .npy header")
+    header = io.BytesIO(length + text)
+    try:
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(header)
+        return np.lib.format.read_array_header_2_0(header)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy parses the header with tokenize, ast and np.dtype
+        raise ValueError(f"the .npy header does not parse ({type(e).__name__}: {e})") from None
 
 
 def _flat_index(dim: int, dtype: str):
@@ -627,7 +676,6 @@ def _read_vectors(path: Path, count: int, dim: int, dtype: str, expect: dict):
         raise IndexFileError(f"vectors file {path} is {size:,} bytes but meta.json says {expect['bytes']:,}: "
                              "the file is truncated or was replaced; rebuild the index")
     nbytes = count * dim * np.dtype(dtype).itemsize
-    flat = _flat_index(dim, dtype)
     with open(path, "rb") as f:
         try:
             shape, fortran, dt = _npy_header(f)
@@ -639,6 +687,7 @@ def _read_vectors(path: Path, count: int, dim: int, dtype: str, expect: dict):
         header = f.tell()
         if size != header + nbytes:
             raise IndexFileError(f"vectors file {path} is {size:,} bytes, expected {header + nbytes:,}")
+        flat = _flat_index(dim, dtype)  # only now: meta.json's dim and count are the file's
         f.seek(0)
         crc = zlib.crc32(f.read(header))
         if nbytes:
@@ -668,11 +717,25 @@ def _read_items(path: Path, count: int, expect: dict) -> dict:
     if len(data) != expect["bytes"] or f"{zlib.crc32(data):08x}" != expect["crc32"]:
         raise IndexFileError(f"items file {path} is truncated or corrupt (size or crc32 differ from "
                              "meta.json); rebuild the index")
-    items = json.loads(data.decode("utf-8", "surrogateescape"))
+    try:
+        items = json.loads(data.decode("utf-8", "surrogateescape"))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise IndexFileError(f"items file {path} is not valid JSON ({e}); rebuild the index") from None
+    if not isinstance(items, dict):
+        raise IndexFileError(f"items file {path} holds a JSON {type(items).__name__}, expected an object "
+                             f"of columns {list(_Records.COLUMNS)}; rebuild the index")
     for c in _Records.COLUMNS:
-        if len(items.get(c, ())) != count:
-            raise IndexFileError(f"items file {path} has {len(items.get(c, ()))} values of {c!r}, "
-                                 f"expected {count}")
+        column = items.get(c, [])
+        if not isinstance(column, list) or len(column) != count:
+            got = f"{len(column)} values" if isinstance(column, list) else f"a {type(column).__name__}"
+            raise IndexFileError(f"items file {path} has {got} for {c!r}, expected a list of {count}; "
+                                 "rebuild the index")
+        want = str if c in ("path", "sha256") else int
+        kinds = set(map(type, column))
+        if not kinds <= {want}:
+            bad = next(x for x in column if type(x) is not want)
+            raise IndexFileError(f"items file {path} has {bad!r} in column {c!r}, where every value is "
+                                 f"a{'n' if want is int else ''} {want.__name__}; rebuild the index")
     return items
 
 
@@ -687,11 +750,15 @@ def _read_meta(path: Path) -> dict:
         raise IndexFileError(f"index {str(path)!r} {what}.{hint}")
     try:
         meta = json.loads(meta_path.read_bytes().decode("utf-8", "surrogateescape"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise IndexFileError(f"{meta_path} is not valid JSON ({e}); the file is truncated or corrupt") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise IndexFileError(f"{meta_path} is not koclip index metadata (no \"format\": \"{FORMAT}\")")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not _is_count(version):
+        raise IndexFileError(f"{meta_path} has format_version {version!r}, expected an integer; "
+                             "the metadata is corrupt")
+    if version > FORMAT_VERSION:
         raise IndexFileError(f"index {path} has format version {meta['format_version']}; this koclip reads "
                              f"versions up to {FORMAT_VERSION}; upgrade koclip")
     required = ("model", "fingerprint", "dim", "dtype", "count", "files", "images_root")
@@ -699,7 +766,48 @@ def _read_meta(path: Path) -> dict:
     if missing or meta["dtype"] not in DTYPES:
         raise IndexFileError(f"{meta_path} lacks fields {missing} or has dtype {meta.get('dtype')!r} "
                              f"(valid: {DTYPES}); the metadata is corrupt")
+    problem = _meta_problem(meta)
+    if problem:
+        raise IndexFileError(f"{meta_path} {problem}; the metadata is corrupt")
     return meta
+
+
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with the types of meta.json's fields, or None: the rest of the code takes
+    them as the writers wrote them (dim and count ints, file entries naming our own files)."""
+    for key in ("model", "fingerprint", "images_root"):
+        if not isinstance(meta[key], str):
+            return f"has {key} {meta[key]!r}, expected a string"
+    for key in ("images_root_relative", "created", "updated"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            return f"has {key} {meta[key]!r}, expected a string or null"
+    if not _is_count(meta["dim"]) or meta["dim"] >= 1 << 31:
+        return f"has dim {meta['dim']!r}, expected an integer from 0 to 2**31 - 1"
+    if not _is_count(meta["count"]) or meta["count"] >= 1 << 62:
+        return f"has count {meta['count']!r}, expected a non-negative integer"
+    files = meta["files"]
+    if not isinstance(files, dict):
+        return f"has files {files!r}, expected an object"
+    for stem in ("items", "vectors", "ivf"):
+        entry = files.get(stem)
+        if entry is None and stem == "ivf":
+            continue
+        name = entry.get("name") if isinstance(entry, dict) else None
+        match = _DATA_FILE.match(name) if isinstance(name, str) else None
+        if not match or match.group(1) != stem:
+            return (f"has files.{stem} {entry!r}; expected {{\"name\": \"{stem}.<hex>.<ext>\", \"bytes\": ..., "
+                    "\"crc32\": ...}, naming a file inside the index")
+        if not _is_count(entry.get("bytes")) or not isinstance(entry.get("crc32"), str):
+            return f"has files.{stem} {entry!r}, whose bytes must be an integer and crc32 a hex string"
+    ivf = meta.get("ivf")
+    if ivf is not None and not (isinstance(ivf, dict) and _is_count(ivf.get("nprobe", 1))
+                                and _is_count(ivf.get("trained_on", 0))):
+        return f"has ivf {ivf!r}, expected null or an object with integer nprobe and trained_on"
+    return None
 
 
 def check_compatible(meta: dict, embedder, where) -> None:

@@ -1,0 +1,85 @@
+"""Inputs that scripts/fuzz.py found to break a parser, each committed under tests/fixtures/fuzz/.
+
+Every input must end in a KoclipError subclass whose message names the file (or the URL), never
+another exception type and never memory beyond the fuzzer's cap.  Each test names what the
+input raised before its fix.  Inputs whose harm was memory run under `address_space_cap`, the
+way the fuzzer runs them.
+"""
+
+import contextlib
+import resource
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from koclip.errors import IndexFileError
+from koclip.index import _Journal, load_index
+
+FUZZ = Path(__file__).parent / "fixtures" / "fuzz"
+
+
+@contextlib.contextmanager
+def address_space_cap(extra_mib=512):
+    """Lower this process's address-space limit to what it uses now plus `extra_mib` for the block
+    (the soft limit only, so it can be raised back): an allocation beyond it raises MemoryError,
+    where without a cap a large untouched allocation would quietly succeed."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("address-space caps are checked on Linux")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (used + (extra_mib << 20), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def fixture_copy(tmp_path, target, name) -> Path:
+    """A copy of a committed input, so that a reader that deletes or rewrites files cannot harm it."""
+    src = FUZZ / target / name
+    dest = tmp_path / name
+    if src.is_dir():
+        shutil.copytree(src, dest)
+    else:
+        shutil.copy(src, dest)
+    return dest
+
+
+# ---------------------------------------------------------------- index (meta.json, items, vectors)
+
+def test_index_vectors_header_that_tokenize_rejects_is_an_index_error(tmp_path):
+    # Was tokenize.TokenError from numpy's header parser: "'shape': \xff\xff, 4)" never closes.
+    path = fixture_copy(tmp_path, "index", "npy-header-tokenize.kidx")
+    with pytest.raises(IndexFileError, match=r"vectors file .*vectors\.00\.npy has a corrupt header"):
+        load_index(path)
+
+
+def test_index_vectors_header_claiming_4_gib_is_refused_before_reading(tmp_path):
+    # Was MemoryError: a header length of 0xffffffff, which numpy reads before checking it.
+    path = fixture_copy(tmp_path, "index", "npy-header-4gib.kidx")
+    with address_space_cap(), pytest.raises(IndexFileError, match=r"vectors file .*vectors\.00\.npy"):
+        load_index(path)
+
+
+# ---------------------------------------------------------------- a build's journal (chunk .npz)
+
+JOB = {"model": "m", "fingerprint": "f" * 64, "images_root": "/nonexistent", "shard": None}
+
+
+@pytest.mark.parametrize("name", ["zip-version-8.npz", "zip-patched-data.npz"])
+def test_journal_chunk_in_a_zip_variant_python_cannot_read_is_dropped(tmp_path, name, caplog):
+    # Were NotImplementedError from zipfile ("zip file version 8.0", "compressed patched data").
+    journal = _Journal(tmp_path / "out.kidx.partial", JOB)
+    chunk = journal.dir / "chunk-000001.npz"
+    shutil.copy(FUZZ / "journal" / name, chunk)
+    assert journal.read()["chunks"] == []  # dropped: its images are embedded again
+    assert not chunk.exists() and "is unreadable (NotImplementedError" in caplog.text
+
+
+def test_journal_vectors_of_a_chunk_python_cannot_unzip_are_an_index_error(tmp_path):
+    chunk = fixture_copy(tmp_path, "journal", "zip-version-8.npz")
+    with pytest.raises(IndexFileError, match=rf"journal chunk {chunk} became unreadable \(NotImplementedError"):
+        _Journal.vectors(chunk)
