@@ -276,7 +276,8 @@ def _get(t: _Target, ips: Sequence[str], deadline: float, max_bytes: int,
         if response.status not in (200, 203):
             raise FetchError(f"cannot fetch {t.url}: the server answered {response.status} {response.reason}")
         declared = (response.getheader("Content-Length") or "").strip()
-        declared_n = int(declared) if declared.isdigit() else None
+        # isascii: str.isdigit is also true of "¹" and other digits int() refuses.
+        declared_n = int(declared) if declared.isascii() and declared.isdigit() else None
         if declared_n is not None and declared_n > max_bytes:
             raise FetchError(f"refused {t.url}: the body is {declared_n:,} bytes, over the limit of {max_bytes:,}")
         chunks, total = [], 0
@@ -329,9 +330,14 @@ def fetch_url(url: str, *, max_bytes: int = 20 * 1024 * 1024, timeout: float = 1
     allow_private = allow_private or os.environ.get(ALLOW_PRIVATE_ENV) == "1"
     resolver = resolver or _system_resolver
     deadline = time.monotonic() + timeout
-    current = url
+    current, via = url, None
     for _ in range(max_redirects + 1):
-        t = _parse(current)
+        try:
+            t = _parse(current)
+        except FetchError as e:
+            if via is None:
+                raise
+            raise FetchError(f"{e} (where {via} redirected)") from None
         ips = _vet(t, resolver, deadline, allow_private)
         try:
             location, body = _get(t, ips, deadline, max_bytes, ssl_context)
@@ -350,7 +356,11 @@ def fetch_url(url: str, *, max_bytes: int = 20 * 1024 * 1024, timeout: float = 1
             raise FetchError(f"cannot fetch {t.url}: {type(e).__name__}: {e}") from None
         if location is None:
             return body
-        current = urljoin(current, location)
+        try:
+            current, via = urljoin(current, location), t.url
+        except ValueError as e:  # e.g. an unclosed "[" of an IPv6 host
+            raise FetchError(f"cannot fetch {t.url}: it redirects to {location[:200]!r}, which is not a "
+                             f"valid URL ({e})") from None
     raise FetchError(f"refused {_parse(url).url}: more than {max_redirects} redirects "
                      f"(the last one pointed to {current[:200]})")
 

@@ -9,12 +9,15 @@ way the fuzzer runs them.
 import contextlib
 import resource
 import shutil
+import socket
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from koclip.errors import IndexFileError
+from koclip.errors import FetchError, IndexFileError
+from koclip.fetch import fetch_url
 from koclip.index import _Journal, load_index
 
 FUZZ = Path(__file__).parent / "fixtures" / "fuzz"
@@ -83,3 +86,55 @@ def test_journal_vectors_of_a_chunk_python_cannot_unzip_are_an_index_error(tmp_p
     chunk = fixture_copy(tmp_path, "journal", "zip-version-8.npz")
     with pytest.raises(IndexFileError, match=rf"journal chunk {chunk} became unreadable \(NotImplementedError"):
         _Journal.vectors(chunk)
+
+
+# ---------------------------------------------------------------- fetch (an HTTP response from 127.0.0.1)
+
+@contextlib.contextmanager
+def serving(response: bytes):
+    """A server on 127.0.0.1 answering each connection with `response` as raw bytes; yields its URL."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(1)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(response)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/image.png"
+    finally:
+        server.close()
+
+
+def fetch_fixture(name):
+    with serving((FUZZ / "fetch" / name).read_bytes()) as url:
+        return url, fetch_url(url, allow_private=True, timeout=5, max_redirects=2)
+
+
+def test_fetch_content_length_with_a_non_ascii_digit_is_ignored():
+    # Was ValueError from int(): "Content-Length: 999\xb99999" passes str.isdigit ("¹" is a digit).
+    # Such a length is no length: the body is read to the end of the connection (here: none).
+    _, body = fetch_fixture("content-length-superscript.http")
+    assert body == b""
+
+
+def test_fetch_redirect_to_an_unclosed_ipv6_host_is_a_fetch_error():
+    # Was ValueError("Invalid IPv6 URL") from urljoin, outside every handler.
+    with pytest.raises(FetchError, match=r"cannot fetch http://127\.0\.0\.1:\d+/image\.png: it redirects to "
+                                         r"'http://e.*', which is not a valid URL \(Invalid IPv6 URL\)"):
+        fetch_fixture("location-unclosed-ipv6.http")
+
+
+def test_fetch_refused_redirect_target_names_the_url_that_redirected():
+    # Was "refused 'cation: /next?x=1': URLs may not contain spaces ...", naming no URL fetched.
+    with pytest.raises(FetchError, match=r"refused 'cation: /next\?x=1': URLs may not contain spaces .* "
+                                         r"\(where http://127\.0\.0\.1:\d+/image\.png redirected\)"):
+        fetch_fixture("location-with-space.http")
