@@ -13,13 +13,11 @@ from koclip import towers
 from koclip.buckets import BATCH_BUCKETS, bucket
 from koclip.compile_cache import model_jit
 from koclip.config import ModelConfig
+from koclip.towers.conse import ImageHead, TextHead
+from koclip.towers.layers import l2_normalize
 
 # How many times each jitted entry point was traced (= compiled): tests count these.
 TRACES: Counter = Counter()
-
-
-def l2_normalize(x, eps: float = 1e-12):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 class KoCLIP(nnx.Module):
@@ -36,8 +34,6 @@ class KoCLIP(nnx.Module):
         self.text_model = towers.build(config.text, rngs)
         self.vision_model = towers.build(config.vision, rngs)
         if config.head == "conse":
-            from koclip.mini.heads import ImageHead, TextHead
-
             self.text_projection = TextHead(config.text.output_dim)
             self.visual_projection = ImageHead(config.vision.output_dim, self.vision_model.config.num_classes,
                                                config.text.output_dim, config.conse_top_k)

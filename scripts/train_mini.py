@@ -46,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from koclip import data  # noqa: E402
 from koclip.formats import safetensors_io  # noqa: E402
 from koclip.mini import build, heads  # noqa: E402
+from koclip.towers import conse  # noqa: E402
+from koclip.towers.layers import l2_normalize  # noqa: E402
 from koclip.processing import ENGLISH_TEMPLATES, KOREAN_TEMPLATES, Processor, image_spec_for  # noqa: E402
 
 SEED = 0
@@ -192,7 +194,7 @@ def fit(feats: dict, W: np.ndarray, m_img: np.ndarray, classes: np.ndarray, *, l
 
 def encode_text(params: dict, pooled: np.ndarray) -> np.ndarray:
     p = params["text"]
-    return np.asarray(heads.l2n(heads.text_embed(jnp.asarray(pooled), p["mean"], p["kernel"], p["blend"])))
+    return np.asarray(l2_normalize(conse.text_embed(jnp.asarray(pooled), p["mean"], p["kernel"], p["blend"])))
 
 
 def ensembled(params: dict, pooled: np.ndarray) -> np.ndarray:
@@ -202,9 +204,9 @@ def ensembled(params: dict, pooled: np.ndarray) -> np.ndarray:
 
 def encode_image(params: dict, pooled: np.ndarray, logits: np.ndarray) -> np.ndarray:
     p = params["image"]
-    z = heads.image_embed(jnp.asarray(pooled), jnp.asarray(logits), p["mean"], p["kernel"], p["class_embeddings"],
+    z = conse.image_embed(jnp.asarray(pooled), jnp.asarray(logits), p["mean"], p["kernel"], p["class_embeddings"],
                           p["temperature"], p["blend"], params["k"])
-    return np.asarray(heads.l2n(z))
+    return np.asarray(l2_normalize(z))
 
 
 def pseudo_images(W: np.ndarray, b: np.ndarray, m_img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -292,7 +294,7 @@ def fit_infonce(feats, W, classes: np.ndarray, seed: int = SEED) -> np.ndarray:
     state = tx.init(m)
 
     def loss(m, xb, yb):
-        t = heads.l2n(xb @ m)
+        t = l2_normalize(xb @ m)
         return optax.softmax_cross_entropy_with_integer_labels(t @ p.T / cfg["temperature"], yb).mean()
 
     @jax.jit

@@ -43,9 +43,17 @@ from flax import nnx
 
 from koclip.config import ModelConfig, TextConfig, VisionConfig, efficientnet_variant
 from koclip.errors import CheckpointError
-from koclip.formats.convert import assign, flat_params
+from koclip.formats import safetensors_io
+from koclip.formats.convert import assign, flat_params, param_shapes, torch_to_flax_names
+from koclip.formats.safetensors_io import iter_tensors
+from koclip.formats.torch_zip import read_torch_state_dict
+from koclip.mini import e5
+from koclip.mini.e5 import E5_CONFIG, TEXT_PREFIX, e5_tokenizer, read_e5_bin
 from koclip.model import KoCLIP
+from koclip.processing import Processor, image_spec_for
 from koclip.tokenizer import FastTokenizer
+from koclip.towers import bert, efficientnet
+from koclip.towers.conse import ImageHead, TextHead
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +91,6 @@ def read_spec(path: str | os.PathLike = CONFIG_FILE) -> dict:
 def base_config(conse_top_k: int = 10) -> ModelConfig:
     """koclip-mini's architecture: e5-small (mean pooling, "query: " prefix), EfficientNet-Lite0,
     the "conse" head with a 768-d joint space."""
-    from koclip.mini.e5 import E5_CONFIG, TEXT_PREFIX
-
     text = TextConfig.from_hf({**E5_CONFIG, "model_type": "bert", "koclip_pooling": "mean"})
     vision = VisionConfig(kind="efficientnet", image_size=224, patch_size=1, variant="lite0")
     return ModelConfig(text=text, vision=vision, projection_dim=2 * text.output_dim, head="conse",
@@ -104,9 +110,6 @@ def mini_config(spec: dict | None = None) -> ModelConfig:
 
 def source_files() -> dict[str, Path]:
     """The package files the towers are read from: {"e5": ..., "lite0": ...}."""
-    from koclip.mini import e5
-    from koclip.towers import efficientnet
-
     return {"e5": Path(e5.default_path()), "lite0": Path(efficientnet.default_weights_path())}
 
 
@@ -153,11 +156,6 @@ def convert_towers(files: dict[str, Path] | None = None) -> dict[str, np.ndarray
     (384, 384)) and `vision_model.*` (EfficientNet names, classifier `fc`
     included) parameter of koclip-mini.
     """
-    from koclip.formats.convert import param_shapes, torch_to_flax_names
-    from koclip.formats.torch_zip import read_torch_state_dict
-    from koclip.mini.e5 import read_e5_bin
-    from koclip.towers import bert, efficientnet
-
     files = files or source_files()
     text = nnx.eval_shape(lambda: bert.Model(base_config().text, rngs=nnx.Rngs(0)))
     state, _ = read_e5_bin(files["e5"])
@@ -278,8 +276,6 @@ def read_towers(path: Path, record) -> dict[str, np.ndarray]:
 
 def write_cache(directory: Path, sources: dict[str, dict], params: dict[str, np.ndarray], tokenizer) -> None:
     """Writes the converted towers, the tokenizer and (last) the manifest, each atomically."""
-    from koclip.formats import safetensors_io
-
     directory.mkdir(parents=True, exist_ok=True)
     # A half-replaced entry must never pass: the old manifest goes first.
     (directory / MANIFEST).unlink(missing_ok=True)
@@ -364,7 +360,6 @@ def load_towers(root: str | os.PathLike | None = None):
         why, whole = str(e), e.whole
     sources = fingerprint(files)  # hash every source again before trusting them for a new entry
     log.info("koclip-mini: converting the towers from their packages (%s)", why)
-    from koclip.mini.e5 import e5_tokenizer
 
     if whole:  # else only the weights failed: the cached tokenizer may still pass its checks
         tok = _Background(lambda: e5_tokenizer(files["e5"]))
@@ -385,9 +380,6 @@ def load_towers(root: str | os.PathLike | None = None):
 
 def default_heads(config: ModelConfig) -> dict[str, np.ndarray]:
     """Placeholder parameters ({name: array}) of a "conse" config's heads, before fitting."""
-    from koclip.mini.heads import ImageHead, TextHead
-    from koclip.towers import efficientnet
-
     classes = efficientnet_variant(config.vision.variant).num_classes
     parts = {"text_projection": TextHead(config.text.output_dim),
              "visual_projection": ImageHead(config.vision.output_dim, classes, config.text.output_dim,
@@ -399,8 +391,6 @@ def default_heads(config: ModelConfig) -> dict[str, np.ndarray]:
 
 def read_heads(path: str | os.PathLike = HEADS_FILE) -> dict[str, np.ndarray]:
     """The committed head parameters: {name: float32 array}."""
-    from koclip.formats.safetensors_io import iter_tensors
-
     return dict(iter_tensors(path))
 
 
@@ -431,8 +421,6 @@ def load_mini(cache: str | os.PathLike | None = None):
     Returns (model, processor, cache directory as str).  Needs no network.
     Raises CheckpointError when a package is missing or the heads do not fit.
     """
-    from koclip.processing import Processor, image_spec_for
-
     config = mini_config()
     params, tokenizer, directory, status = load_towers(cache)
     model = assemble(config, params, read_heads(), source=f"koclip-mini ({HEADS_FILE.name} + {directory})")

@@ -7,6 +7,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def l2_normalize(x, eps: float = 1e-12):
+    """Rows of `x` (..., d) scaled to unit length; rows shorter than `eps` are divided by `eps`."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
 def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
