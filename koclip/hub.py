@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from koclip.errors import CheckpointError, OfflineError
+from koclip.formats import INDEX_FILES, WEIGHT_FILES
 
 PROBE_TIMEOUT = 3.0
 # Everything a checkpoint directory may need, except the weights, which are chosen one format at a time.
@@ -84,8 +85,6 @@ def resolve(name: str, *, weights: bool = True, label: str | None = None,
 
 
 def _fetch_weights(hf, name, revision, local: Path, online: bool) -> None:
-    from koclip.formats.checkpoints import INDEX_FILES, WEIGHT_FILES
-
     if any((local / f).is_file() for f in (*WEIGHT_FILES, *INDEX_FILES)):
         return
     if online:

@@ -26,14 +26,9 @@ from flax import nnx
 
 from koclip.config import ModelConfig, TextConfig, VisionConfig
 from koclip.errors import CheckpointError
-from koclip.formats import flax_msgpack, safetensors_io
+from koclip.formats import INDEX_FILES, WEIGHT_FILES, flax_msgpack, safetensors_io
 from koclip.formats.convert import assign, flat_params, param_shapes, rename, torch_to_flax_names
 from koclip.model import KoCLIP
-
-# Preference order when a directory holds several.
-WEIGHT_FILES = ("model.safetensors", "flax_model.msgpack", "pytorch_model.bin")
-INDEX_FILES = {"model.safetensors.index.json": "model.safetensors",
-               "pytorch_model.bin.index.json": "pytorch_model.bin"}
 
 # Tensors that checkpoints carry but the towers do not use.
 _DROP_ALWAYS = [r".*position_ids$", r".*\.num_batches_tracked$"]
