@@ -313,17 +313,30 @@ def _resize_shape(width: int, height: int, spec: ImagePreprocess) -> tuple[int, 
     return (target, new_long) if width <= height else (new_long, target)
 
 
+# Above this many pixels, a "shortest" resize makes only the centre crop it keeps (see below).
+_MAX_RESIZED_PIXELS = 4_000_000
+
+
 def _preprocess_one(im: Image.Image, spec: ImagePreprocess) -> np.ndarray:
     """One RGB image -> (size, size, 3) uint8 after resize and centre crop."""
     new_w, new_h = _resize_shape(im.width, im.height, spec)
+    resample = _RESAMPLE[spec.resample]
+    top = (new_h - spec.size) // 2
+    left = (new_w - spec.size) // 2
+    if spec.crop and new_w * new_h > _MAX_RESIZED_PIXELS:
+        # A long, thin image (say 8 x 655,360 pixels, a few hundred bytes as a TIFF) would resize
+        # to billions of pixels to keep 224 x 224 of them: resample only the region of the source
+        # the crop covers.  Pillow's box resampling rounds a little differently (a few levels in
+        # some pixels), so ordinary shapes keep the full resize that transformers does.
+        sx, sy = im.width / new_w, im.height / new_h
+        box = (left * sx, top * sy, (left + spec.size) * sx, (top + spec.size) * sy)
+        return np.asarray(im.resize((spec.size, spec.size), resample=resample, box=box))
     # Resampling runs on the uint8 image with Pillow, as transformers does:
     # resampling float pixels instead gives differences of up to ~1/255.
     if (new_w, new_h) != im.size:
-        im = im.resize((new_w, new_h), resample=_RESAMPLE[spec.resample])
+        im = im.resize((new_w, new_h), resample=resample)
     a = np.asarray(im)
     if spec.crop:
-        top = (new_h - spec.size) // 2
-        left = (new_w - spec.size) // 2
         a = a[top:top + spec.size, left:left + spec.size]
     return a
 

@@ -7,17 +7,24 @@ way the fuzzer runs them.
 """
 
 import contextlib
+import dataclasses
 import resource
 import shutil
 import socket
 import sys
 import threading
 from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from koclip import images
 
 from koclip.errors import FetchError, IndexFileError
 from koclip.fetch import fetch_url
+from koclip.images import CLIP, open_image, preprocess
 from koclip.index import _Journal, load_index
 
 FUZZ = Path(__file__).parent / "fixtures" / "fuzz"
@@ -138,3 +145,27 @@ def test_fetch_refused_redirect_target_names_the_url_that_redirected():
     with pytest.raises(FetchError, match=r"refused 'cation: /next\?x=1': URLs may not contain spaces .* "
                                          r"\(where http://127\.0\.0\.1:\d+/image\.png redirected\)"):
         fetch_fixture("location-with-space.http")
+
+
+# ---------------------------------------------------------------- images
+
+@pytest.mark.parametrize("name", ["tall-8x655360.tif", "tall-8x655360-slow.tif"])
+def test_preprocess_of_a_long_thin_image_makes_only_its_centre_crop(name):
+    # Was MemoryError (or over 5 s): 8 x 655,360 pixels, under max_pixels, resized its short side
+    # to 224 and so its long side to 18 million pixels before cropping 224 of them.
+    im = open_image(FUZZ / "image" / name)
+    with address_space_cap():
+        batch = preprocess([im, im], "clip")
+    assert batch.shape == (2, 224, 224, 3) and np.isfinite(batch).all()
+
+
+def test_long_thin_image_crop_only_resampling_matches_resize_then_crop():
+    # On a thin image the crop-only path gives the very pixels of resize-then-crop (Pillow 13);
+    # on ordinary shapes box resampling can differ by a few levels, so those keep the full resize.
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(np.repeat(rng.integers(0, 256, (2000, 1, 3), dtype=np.uint8), 3, axis=1))  # 3 x 2000
+    spec = dataclasses.replace(CLIP, size=8)
+    full = images._preprocess_one(im, spec)
+    with mock.patch.object(images, "_MAX_RESIZED_PIXELS", 0):
+        cropped = images._preprocess_one(im, spec)
+    np.testing.assert_array_equal(cropped, full)
