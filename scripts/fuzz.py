@@ -497,6 +497,29 @@ def _child(args) -> None:
     atheris.Fuzz()
 
 
+def _replay(target_name: str, inputs: list[str]) -> int:
+    from koclip.errors import KoclipError
+
+    work = _work_dir(target_name + "-replay")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    target, bad = Target(target_name, work), 0
+    for name in inputs:
+        t0 = time.perf_counter()
+        try:
+            target.run(Path(name).read_bytes())
+            outcome = "returned"
+        except KoclipError as e:
+            ok = target.named(str(e), e)
+            bad += not ok
+            outcome = f"{type(e).__name__}{'' if ok else ' (UNNAMED)'}: {str(e)[:300]}"
+        except Exception as e:  # noqa: BLE001 - the finding
+            bad += 1
+            outcome = f"CRASH {type(e).__name__} at {_where(e)}: {str(e)[:300]}"
+        print(f"{name}  [{time.perf_counter() - t0:.2f} s]\n    {outcome}")
+    return 1 if bad else 0
+
+
 # ---------------------------------------------------------------- the parent: runs, restarts, reports
 
 _STAT = re.compile(r"^stat::(\w+):\s+(\d+)", re.M)
@@ -578,11 +601,15 @@ def main(argv=None) -> int:
                    help="write each input to OUT/<target>/current-input first (finds inputs that hang in C)")
     p.add_argument("--export", nargs=2, metavar=("INPUT", "DEST"),
                    help="write the fuzz input INPUT of TARGET as the file(s) it stands for, at DEST")
+    p.add_argument("--replay", nargs="+", metavar="INPUT",
+                   help="run TARGET on these inputs once each (no fuzzing, no cap) and say what each raised")
     p.add_argument("--child", metavar="TARGET", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.export:
         print(export(args.target, Path(args.export[0]).read_bytes(), Path(args.export[1])))
         return 0
+    if args.replay:
+        return _replay(args.target, args.replay)
     if args.child:
         args.target = args.child
         _child(args)
