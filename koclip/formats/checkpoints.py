@@ -88,7 +88,7 @@ def read_tensors(path) -> tuple[Iterator[tuple[str, np.ndarray]], bool]:
     if path.suffix == ".safetensors":
         return safetensors_io.iter_tensors(path), True
     if path.suffix == ".msgpack":
-        return flax_msgpack.flatten(flax_msgpack.read_tree(path)), False
+        return flax_msgpack.flatten(flax_msgpack.read_tree(path), path=str(path)), False
     if path.suffix in (".bin", ".pth", ".pt"):
         from koclip.formats.torch_zip import read_torch_state_dict
 

@@ -11,6 +11,9 @@ Flax split into chunks).
 
 from __future__ import annotations
 
+import io
+import math
+import os
 import struct
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -23,12 +26,20 @@ from koclip.errors import CheckpointError
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_NPSCALAR = 1, 2, 3
 
 
+_MAX_DEPTH = 100  # nesting of maps and arrays; Flax trees are a dozen levels deep
+
+
 class _Reader:
-    def __init__(self, f: BinaryIO, path: str):
+    def __init__(self, f: BinaryIO, path: str, size: int):
         self.f = f
         self.path = path
+        self.size = size  # bytes in the file: no length read from it may exceed what is left
+        self.depth = 0
 
     def read(self, n: int) -> bytes:
+        # Checked first: f.read(n) allocates n bytes before reading, and n can claim 4 GiB.
+        if n > self.size - self.f.tell():
+            raise CheckpointError(f"{self.path}: the file ends early (truncated msgpack)")
         b = self.f.read(n)
         if len(b) != n:
             raise CheckpointError(f"{self.path}: the file ends early (truncated msgpack)")
@@ -79,10 +90,17 @@ class _Reader:
             return self.read(n).decode("utf-8", errors="replace")
         if kind == "bin":
             return self.read(n)
-        if kind == "array":
-            return [self.value() for _ in range(n)]
-        if kind == "map":
-            return {self.key(): self.value() for _ in range(n)}
+        if kind in ("array", "map"):
+            self.depth += 1
+            if self.depth > _MAX_DEPTH:
+                raise CheckpointError(f"{self.path}: maps and arrays nested over {_MAX_DEPTH} deep at offset "
+                                      f"{self.f.tell()}; a Flax checkpoint nests a dozen")
+            try:
+                if kind == "array":
+                    return [self.value() for _ in range(n)]
+                return {self.key(): self.value() for _ in range(n)}
+            finally:
+                self.depth -= 1
         return self.ext(n)
 
     def key(self) -> str:
@@ -102,15 +120,20 @@ class _Reader:
             shape = self.value()
             dtype_name = self.value()
             if isinstance(dtype_name, bytes):
-                dtype_name = dtype_name.decode()
+                dtype_name = dtype_name.decode("utf-8", errors="replace")
             kind, size = self.header()
             if kind != "bin":
                 raise CheckpointError(f"{self.path}: malformed ndarray record at offset {start}")
+            if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+                raise CheckpointError(f"{self.path}: ndarray record at offset {start} has shape {shape!r}, "
+                                      "expected a list of non-negative ints")
             dtype = _dtype(dtype_name, self.path)
-            count = int(np.prod(shape)) if shape else 1
+            count = math.prod(shape)
             if count * dtype.itemsize != size:
                 raise CheckpointError(f"{self.path}: array of shape {tuple(shape)} {dtype_name} "
                                       f"holds {size} bytes, expected {count * dtype.itemsize}")
+            if size > self.size - self.f.tell():
+                raise CheckpointError(f"{self.path}: the file ends early (truncated msgpack)")
             arr = np.empty(count, dtype)
             got = self.f.readinto(memoryview(arr.view(np.uint8)))
             if got != size:
@@ -121,29 +144,43 @@ class _Reader:
             return arr if code == _EXT_NDARRAY else arr[()]
         data = self.read(n)
         if code == _EXT_COMPLEX:
-            return complex(*_decode_bytes(data, self.path))
+            parts = _Reader(io.BytesIO(data), self.path, len(data)).value()
+            if not (isinstance(parts, list) and len(parts) == 2
+                    and all(isinstance(p, (int, float)) for p in parts)):
+                raise CheckpointError(f"{self.path}: complex record at offset {start} holds {parts!r}, "
+                                      "expected [real, imag]")
+            return complex(*parts)
         raise CheckpointError(f"{self.path}: unknown msgpack extension type {code}")
 
 
-def _decode_bytes(data: bytes, path: str):
-    import io
-
-    return _Reader(io.BytesIO(data), path).value()
-
-
-def _dtype(name: str, path: str) -> np.dtype:
+def _dtype(name, path: str) -> np.dtype:
     if name == "bfloat16":
         return np.dtype(ml_dtypes.bfloat16)
     try:
-        return np.dtype(name)
-    except TypeError:
-        raise CheckpointError(f"{path}: unknown array dtype {name!r}") from None
+        if not isinstance(name, str):
+            raise TypeError
+        dtype = np.dtype(name)
+    except Exception:  # noqa: BLE001 - np.dtype parses its string with several parsers
+        dtype = None
+    # Object, structured, sub-array and empty dtypes are nothing Flax writes, and raw bytes
+    # cannot be read into the first.
+    if dtype is None or dtype.hasobject or dtype.fields or dtype.subdtype or not dtype.itemsize:
+        raise CheckpointError(f"{path}: unknown array dtype {name!r}; expected a numeric numpy dtype "
+                              "name such as 'float32' or 'bfloat16'") from None
+    return dtype
 
 
-def _unchunk(d: dict) -> np.ndarray:
-    shape = [d["shape"][k] for k in sorted(d["shape"], key=int)]
-    chunks = [d["chunks"][k] for k in sorted(d["chunks"], key=int)]
-    return np.concatenate(chunks).reshape(shape)
+def _unchunk(d: dict, name: str, path: str) -> np.ndarray:
+    """A chunked array record {"__msgpack_chunked_array__", "shape": {"0": n, ...}, "chunks": {"0": a, ...}}."""
+    try:
+        shape = [d["shape"][k] for k in sorted(d["shape"], key=int)]
+        chunks = [d["chunks"][k] for k in sorted(d["chunks"], key=int)]
+        if not all(type(n) is int and n >= 0 for n in shape) or not all(isinstance(c, np.ndarray) for c in chunks):
+            raise ValueError("its shape is not ints or its chunks are not arrays")
+        return np.concatenate(chunks).reshape(shape)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: chunked array {name!r} is malformed ({type(e).__name__}: {e}); expected "
+                              "integer-keyed maps 'shape' (of ints) and 'chunks' (of arrays) that fit together") from None
 
 
 def read_tree(path) -> dict:
@@ -151,7 +188,7 @@ def read_tree(path) -> dict:
     path = str(path)
     try:
         with open(path, "rb") as f:
-            r = _Reader(f, path)
+            r = _Reader(f, path, os.fstat(f.fileno()).st_size)
             tree = r.value()
             if f.read(1):
                 raise CheckpointError(f"{path}: unexpected data after the msgpack object")
@@ -162,15 +199,22 @@ def read_tree(path) -> dict:
     return tree
 
 
-def flatten(tree: dict, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
-    """Yields ('a.b.c', array) for every leaf, popping leaves so memory is freed as they are consumed."""
+def flatten(tree: dict, prefix: str = "", path: str = "msgpack tree") -> Iterator[tuple[str, np.ndarray]]:
+    """Yields ('a.b.c', array) for every leaf, popping leaves so memory is freed as they are consumed.
+
+    path: the file, named in errors.
+    """
     for key in list(tree):
         v = tree.pop(key)
         name = f"{prefix}{key}"
         if isinstance(v, dict):
             if "__msgpack_chunked_array__" in v:
-                yield name, _unchunk(v)
+                yield name, _unchunk(v, name, path)
             else:
-                yield from flatten(v, name + ".")
+                yield from flatten(v, name + ".", path)
         else:
-            yield name, np.asarray(v)
+            try:
+                x = np.asarray(v)
+            except ValueError as e:  # e.g. a ragged list
+                raise CheckpointError(f"{path}: {name!r} holds {type(v).__name__} that is not an array ({e})") from None
+            yield name, x
