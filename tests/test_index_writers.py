@@ -56,12 +56,26 @@ def gallery(tmp_path):
 def test_add_and_remove_in_two_processes_both_take_effect(gallery, tmp_path):
     root, out = gallery
     before = load_index(out)
-    # The add is slow (1 s per preprocess and per model call, one image at a time) and starts first; the remove is
-    # started while the add holds the lock, so it must wait and then remove from the index the add wrote.
+    # The add takes the lock, then its model waits for a gate file; the remove is started while the
+    # add holds the lock, and the gate opens only once the remove has said it is waiting.  So the
+    # remove must wait for the add's commit and then remove from the index the add wrote.
+    gate = tmp_path / "gate"
     adder = _python(f"""
+        import time
+        from pathlib import Path
         from test_index import TinyEmbedder
         from koclip.index import add_images
-        add_images({str(out)!r}, TinyEmbedder(delay=1.0), {str(root / "new")!r}, batch_size=1, progress=False)
+
+        class Gated(TinyEmbedder):
+            def encode_pixels(self, pixels):
+                deadline = time.monotonic() + 120
+                while not Path({str(gate)!r}).exists():
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the gate never opened")
+                    time.sleep(0.02)
+                return super().encode_pixels(pixels)
+
+        add_images({str(out)!r}, Gated(), {str(root / "new")!r}, batch_size=1, progress=False)
     """, tmp_path, "add")
     remover = None
     try:
@@ -70,6 +84,13 @@ def test_add_and_remove_in_two_processes_both_take_effect(gallery, tmp_path):
             from koclip.index import remove_images
             print(remove_images({str(out)!r}, ["grey.bmp"]).count)
         """, tmp_path, "remove")
+        said = []
+        while not said or "waiting up to" not in said[-1]:  # ends: the remover gives up after 60 s
+            line = remover.stderr.readline()
+            assert line, f"the remover ended without waiting: {''.join(said)}"
+            said.append(line)
+        assert f"process {adder.pid}" in said[-1]
+        gate.touch()
         add_out, add_err = adder.communicate(timeout=120)
         remove_out, remove_err = remover.communicate(timeout=120)
     finally:
@@ -79,7 +100,6 @@ def test_add_and_remove_in_two_processes_both_take_effect(gallery, tmp_path):
                 p.wait()
     assert adder.returncode == 0, add_err[-3000:]
     assert remover.returncode == 0, remove_err[-3000:]
-    assert "waiting up to" in remove_err and f"process {adder.pid}" in remove_err
     after = load_index(out)
     expected = sorted(set(before.paths) - {"grey.bmp"} | {f"new/new{i}.png" for i in range(3)})
     assert sorted(after.paths) == expected
