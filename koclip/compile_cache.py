@@ -24,6 +24,8 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from koclip.files import cache_root
+
 # Compiles shorter than this are not written: reading an entry back costs a
 # few milliseconds, about what XLA:CPU needs for the smallest programs.
 MIN_COMPILE_SECONDS = 0.02
@@ -32,14 +34,9 @@ _lock = threading.Lock()
 
 
 def default_dir() -> Path:
-    """$KOCLIP_CACHE/jax, else $KOCLIP_CACHE_DIR/jax (the app's variable), else
-    $XDG_CACHE_HOME/koclip/jax, else ~/.cache/koclip/jax."""
-    for var in ("KOCLIP_CACHE", "KOCLIP_CACHE_DIR"):
-        env = os.environ.get(var, "").strip()
-        if env:
-            return Path(env).expanduser() / "jax"
-    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
-    return Path(base) / "koclip" / "jax"
+    """`koclip.files.cache_root()` / "jax": $KOCLIP_CACHE/jax, else $XDG_CACHE_HOME/koclip/jax,
+    else ~/.cache/koclip/jax."""
+    return cache_root() / "jax"
 
 
 def enable(path: str | os.PathLike | None = None, *,

@@ -64,6 +64,7 @@ from typing import NamedTuple, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from koclip.errors import ImageError, IndexFileError, KoclipError
+from koclip.files import atomic_write, atomic_write_bytes, replacing
 
 try:  # advisory locks keep two writers off one index; POSIX only
     import fcntl
@@ -177,35 +178,6 @@ def _crc32_file(path: Path) -> str:
         while block := f.read(_READ_BLOCK):
             crc = zlib.crc32(block, crc)
     return f"{crc:08x}"
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(f) on a temp file beside `path`, fsync, then os.replace it onto `path`."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 # Locks held by this process: resolved index directory -> thread that holds it (see _writer_lock).
@@ -408,7 +380,7 @@ class _Journal:
                     f"shard {job['shard']}); rerun with the same settings to resume, or delete {self.dir} "
                     "to start over")
         else:
-            _atomic_write(job_path, lambda f: f.write(json.dumps(job, indent=1).encode()))
+            atomic_write_bytes(job_path, json.dumps(job, indent=1).encode())
         self._seq = max((int(p.stem.split("-")[1]) for p in self._chunks()), default=0)
 
     def _chunks(self) -> list[Path]:
@@ -431,7 +403,7 @@ class _Journal:
             "dup_path": np.array([p for p, _ in dups], dtype=str),
             "dup_sha256": np.array([s for _, s in dups], dtype=str),
         }
-        _atomic_write(self.dir / f"chunk-{self._seq:06d}.npz", lambda f: np.savez(f, **arrays))
+        atomic_write(self.dir / f"chunk-{self._seq:06d}.npz", lambda f: np.savez(f, **arrays))
 
     def read(self) -> dict:
         """All chunks' records (vectors stay on disk; see `vectors`) ->
@@ -1111,26 +1083,16 @@ def _recall_excluding(got: np.ndarray, truth: np.ndarray, own: np.ndarray) -> fl
 def _write_data_file(directory: Path, stem: str, suffix: str, write_path) -> dict:
     """Write a new data file `<stem>.<token><suffix>` via write_path(tmp_path); returns its meta entry."""
     name = f"{stem}.{secrets.token_hex(6)}{suffix}"
-    tmp = directory / f".{name}.tmp"
-    try:
-        write_path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     final = directory / name
+    with replacing(final) as tmp:
+        write_path(tmp)
     return {"name": name, "bytes": final.stat().st_size, "crc32": _crc32_file(final)}
 
 
 def _commit_meta(directory: Path, meta: dict) -> None:
     """Atomically replace meta.json, then delete data and temp files it no longer names."""
     meta["updated"] = _now()
-    _atomic_write(directory / "meta.json",
-                  lambda f: f.write(_json_bytes(meta, indent=1)))
-    _fsync_dir(directory)
+    atomic_write_bytes(directory / "meta.json", _json_bytes(meta, indent=1))
     keep = {e["name"] for e in meta["files"].values() if e}
     for p in directory.iterdir():
         if (_DATA_FILE.match(p.name) and p.name not in keep) or p.name.endswith(".tmp"):

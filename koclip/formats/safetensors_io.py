@@ -8,9 +8,9 @@ one at a time, so a caller that consumes them in turn holds one at a time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from koclip.errors import CheckpointError
+from koclip.files import atomic_write
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -44,19 +45,37 @@ def read_header(path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON (corrupt file)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is a JSON {type(header).__name__}, "
+                              "expected an object of tensor name -> {dtype, shape, data_offsets}")
     header.pop("__metadata__", None)
     end = 8 + n
     for name, info in header.items():
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{path}: tensor {name!r} is described by {info!r}, "
+                                  "expected {dtype, shape, data_offsets}")
         if info.get("dtype") not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        a, b = info["data_offsets"]
-        want = int(np.prod(info["shape"], dtype=np.int64)) * _DTYPES[info["dtype"]].itemsize
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}; "
+                                  f"valid: {', '.join(_DTYPES)}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(_is_index(d) for d in shape)):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {shape!r}, expected a list of "
+                                  "non-negative ints")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_index, offsets))):
+            raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {offsets!r}, expected "
+                                  "[begin, end] in bytes")
+        a, b = offsets
+        want = math.prod(shape) * _DTYPES[info["dtype"]].itemsize  # exact: np.prod wraps at 2**63
         if b - a != want or end + b > size:
             raise CheckpointError(f"{path}: tensor {name!r} lies outside the file or has the wrong size "
                                   "(truncated or corrupt file)")
     return header, end
+
+
+def _is_index(x) -> bool:
+    return type(x) is int and x >= 0
 
 
 def iter_tensors(path) -> Iterator[tuple[str, np.ndarray]]:
@@ -67,7 +86,7 @@ def iter_tensors(path) -> Iterator[tuple[str, np.ndarray]]:
         for name, info in items:
             dtype = _DTYPES[info["dtype"]]
             a, b = info["data_offsets"]
-            arr = np.empty(int(np.prod(info["shape"], dtype=np.int64)), dtype)
+            arr = np.empty(math.prod(info["shape"]), dtype)
             f.seek(start + a)
             if f.readinto(memoryview(arr.view(np.uint8))) != b - a:
                 raise CheckpointError(f"{path}: the file ends inside tensor {name!r} (truncated)")
@@ -88,17 +107,10 @@ def write(path, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, s
         offset += x.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data section
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for _, x in arrays:
-                f.write(memoryview(x.reshape(-1).view(np.uint8)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    def write(f):
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, x in arrays:
+            f.write(memoryview(x.reshape(-1).view(np.uint8)))
+
+    atomic_write(path, write)
