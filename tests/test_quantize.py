@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -29,6 +30,7 @@ from koclip.errors import CheckpointError, KoclipError
 from koclip.model import KoCLIP
 from koclip.quantize import (Bf16Linear, Int8Linear, PatchDense, auto_mode, auto_plan, count_replaced,
                              precision_of, quantize)
+from numerics import U32, UBF16, reduction_rtol
 
 PARITY = Path(__file__).resolve().parent / "fixtures" / "parity"
 COSINE_GATE = 0.995
@@ -61,15 +63,73 @@ def tiny(tiny_once):
 
 # ---------------------------------------------------------------- layers
 
-@pytest.mark.parametrize("cls, tol", [(Int8Linear, 0.02), (Bf16Linear, 0.01)])
-def test_low_precision_linear_is_close_to_the_float_linear(cls, tol):
+def low_precision_bound(cls, x, w, b=0.0):
+    """Entry by entry, how far cls's x @ w + b may be from the float32 one, from the formats alone.
+
+    Bf16Linear rounds x and w to bfloat16 (UBF16 relative each; their products are exact in float32).
+    Int8Linear rounds w per column to a multiple of s_w = max|w_col| / 127 and x per row to one of
+    s_x = max|x_row| / 127 (half a step each, plus float32 rounding of the scaled value), sums in int32
+    (exact), and rescales; |x w - x~ w~| <= e_x sum|w| + e_w sum|x| + k e_x e_w.  Both sides then sum in
+    float32 and add the bias: gamma_(k+1) of sum|x w| + |b| each, and the rescale's 2 roundings.
+    """
+    x, w = np.abs(np.asarray(x, np.float64)), np.abs(np.asarray(w, np.float64))
+    k = w.shape[0]
+    magnitude = x @ w + np.abs(b)
+    if cls is Bf16Linear:
+        low = reduction_rtol(2, u=UBF16) * (x @ w)
+    else:
+        step = 0.5 + 128 * U32  # half a quantisation step, and w / s rounded in float32
+        e_x = step * x.max(-1, keepdims=True) / 127
+        e_w = step * w.max(0) / 127
+        low = e_x * w.sum(0) + e_w * x.sum(-1, keepdims=True) + k * e_x * e_w + 2 * U32 * magnitude
+    return low + reduction_rtol(k + 1, depth=2) * magnitude
+
+
+def rounded_operands(layer, x):
+    """(x~, w~) as float64: the operands `layer` multiplies exactly, rounded as its format defines.
+
+    bfloat16: round-to-nearest-even of x and of the float32 kernel.  int8: the stored codes times their
+    scales, and x's codes per row: rint(x / s_x), s_x = float32(max|x| / 127), as IEEE float32 gives them
+    on any CPU.
+    """
+    if isinstance(layer, Bf16Linear):
+        to = lambda a: np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)  # noqa: E731
+        return to(x), to(layer.kernel[...])
+    s_x = (np.abs(x).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    q_x = np.rint(x / s_x)
+    w = np.asarray(layer.kernel[...], np.float64) * np.asarray(layer.scale[...], np.float64)
+    return q_x.astype(np.float64) * s_x, w
+
+
+def assert_within(got, want, bound):
+    diff = np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))
+    assert np.all(diff <= bound), f"max |difference| {diff.max():.3g}, worst excess {(diff - bound).max():.3g}"
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Bf16Linear])
+def test_low_precision_linear_is_close_to_the_float_linear(cls):
     linear = nnx.Linear(64, 48, rngs=nnx.Rngs(0))
     linear.bias[...] = np.linspace(-1, 1, 48, dtype=np.float32)
     x = np.random.default_rng(0).standard_normal((5, 7, 64)).astype(np.float32)
     want = np.asarray(linear(x))
-    got = np.asarray(cls(linear.kernel[...], linear.bias[...])(x))
+    layer = cls(linear.kernel[...], linear.bias[...])
+    got = np.asarray(layer(x))
     assert got.shape == want.shape
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
+    # It multiplies exactly the operands its format defines: what is left is float32 summation, the
+    # int8 rescale and the bias, gamma_(k+1) of sum|x~ w~| + |b| (tests/numerics.py).
+    xq, wq = rounded_operands(layer, x)
+    magnitude = np.abs(xq) @ np.abs(wq) + np.abs(np.asarray(linear.bias[...], np.float64))
+    assert_within(got, xq @ wq + np.asarray(linear.bias[...], np.float64), reduction_rtol(64 + 3) * magnitude)
+    # And so it is as close to the float linear as the format allows.
+    assert_within(got, want, low_precision_bound(cls, x, linear.kernel[...], linear.bias[...]))
+
+
+def test_int8_codes_are_the_nearest_steps_of_each_column():
+    w = np.random.default_rng(3).standard_normal((64, 48)).astype(np.float32)
+    layer = Int8Linear(w)
+    q, scale = np.asarray(layer.kernel[...], np.float64), np.asarray(layer.scale[...], np.float64)
+    np.testing.assert_allclose(scale, np.abs(w).max(0) / 127, rtol=U32)  # one float32 rounding
+    assert_within(q * scale, w, (0.5 + 128 * U32) * scale)  # half a step, and w / s rounded in float32
 
 
 def test_int8_linear_gives_zero_for_an_all_zero_row():
@@ -83,9 +143,15 @@ def test_patch_dense_matches_the_strided_convolution_and_drops_the_ragged_edge()
     x = np.random.default_rng(1).standard_normal((2, 36, 34, 3)).astype(np.float32)
     want = np.asarray(conv(x))
     kernel = conv.kernel[...].reshape(-1, 32)
-    got = np.asarray(PatchDense((8, 8), Bf16Linear(kernel))(x))
+    layer = Bf16Linear(kernel)
+    got = np.asarray(PatchDense((8, 8), layer)(x))
     assert got.shape == want.shape == (2, 4, 4, 32)
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01
+    from koclip.towers.layers import to_patches
+
+    patches = np.asarray(to_patches(x, (8, 8)))  # the ragged edge dropped, as the convolution does
+    xq, wq = rounded_operands(layer, patches)
+    assert_within(got, xq @ wq, reduction_rtol(8 * 8 * 3) * (np.abs(xq) @ np.abs(wq)))
+    assert_within(got, want, low_precision_bound(Bf16Linear, patches, kernel))
 
 
 # ---------------------------------------------------------------- the transformation
@@ -213,7 +279,9 @@ def test_encode_sees_weights_changed_after_the_first_call(tiny):
     pixels = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
     before = np.asarray(tiny.encode_image(pixels))
     tiny.visual_projection.kernel[...] = -tiny.visual_projection.kernel[...]
-    np.testing.assert_allclose(np.asarray(tiny.encode_image(pixels)), -before, atol=1e-5)
+    # Negating the (bias-free) projection negates every product and partial sum exactly, and the same
+    # compiled program runs: the embeddings are exactly negated.
+    np.testing.assert_array_equal(np.asarray(tiny.encode_image(pixels)), -before)
 
 
 def test_in_place_quantize_is_seen_by_the_next_encode(tiny):
