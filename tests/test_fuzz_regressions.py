@@ -204,3 +204,18 @@ def test_msgpack_bin_claiming_1_6_gib_is_refused_before_reading():
     path = FUZZ / "msgpack" / "bin-claims-1.6gib.msgpack"
     with address_space_cap(), pytest.raises(CheckpointError, match=re.escape(f"{path}: the file ends early")):
         read_all(path)
+
+
+@pytest.mark.parametrize("name, was, message", [
+    ("no-data-offsets.safetensors", "KeyError", r"tensor 'b' has data_offsets None, expected \[begin, end\]"),
+    ("one-data-offset.safetensors", "ValueError", r"tensor 'c' has data_offsets \[15231\], expected \[begin, end\]"),
+    ("no-shape.safetensors", "KeyError", r"tensor 'a\.weight' has shape None, expected a list"),
+    # Found by review, not by the fuzzer:
+    ("header-a-list.safetensors", "TypeError", r"the safetensors header is a JSON list, expected an object"),
+    ("shape-product-wraps.safetensors", "ValueError",  # np.prod of 2**32 x 2**32 wrapped to 0 bytes
+     r"tensor 'w' lies outside the file or has the wrong size"),
+])
+def test_malformed_safetensors_header_is_a_checkpoint_error_naming_the_file(name, was, message):
+    path = FUZZ / "safetensors" / name
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ": " + message):
+        read_all(path)
