@@ -219,3 +219,20 @@ def test_malformed_safetensors_header_is_a_checkpoint_error_naming_the_file(name
     path = FUZZ / "safetensors" / name
     with pytest.raises(CheckpointError, match=re.escape(str(path)) + ": " + message):
         read_all(path)
+
+
+def test_torch_zip_in_a_zip_variant_python_cannot_read_is_a_checkpoint_error():
+    # Was NotImplementedError from zipfile ("zip file version 25.5").
+    path = FUZZ / "torch" / "zip-version-25.5.bin"
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: corrupt or truncated zip archive "
+                                                        "(NotImplementedError: zip file version 25.5)")):
+        read_all(path)
+
+
+def test_torch_pickle_memo_index_far_past_its_opcodes_is_refused_before_unpickling():
+    # Was over 5 s and ~1 GiB: LONG_BINPUT 67,324,752 made the C unpickler size its memo array to
+    # twice that, in a 600-byte legacy file.
+    path = FUZZ / "torch" / "legacy-memo-index-67m.bin"
+    with address_space_cap(), pytest.raises(CheckpointError, match=re.escape(
+            f"{path}: the pickle stores memo entry 67,324,752 at byte 202 after only 11 opcodes")):
+        read_all(path)

@@ -20,6 +20,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import sys
 import zipfile
 
@@ -202,7 +203,30 @@ class _Unpickler(pickle.Unpickler):
         return self._resolve(pid[1:])
 
 
+def _check_memo(file):
+    """Refuse a memo index no pickler writes, before the C unpickler sees it.
+
+    That unpickler keeps its memo in an array sized by the largest index put, so one
+    LONG_BINPUT of 10**8 in a 200-byte file allocates and clears a gigabyte.  A pickler numbers
+    what it memoises 0, 1, 2, ..., so an index is never above the count of opcodes before it.
+    Anything else wrong is left for the unpickler to report.
+    """
+    start = file.tell()
+    try:
+        for count, (op, arg, pos) in enumerate(pickletools.genops(file)):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and arg > count:
+                raise _FileProblem(f"the pickle stores memo entry {arg:,} at byte {pos} after only {count} "
+                                   "opcodes: not what torch.save writes (corrupt file)")
+    except _FileProblem:
+        raise
+    except Exception:  # noqa: BLE001 - damage: the unpickler below reports it
+        pass
+    finally:
+        file.seek(start)
+
+
 def _unpickle(file, resolve=None):
+    _check_memo(file)
     try:
         return _Unpickler(file, resolve).load()
     except _FileProblem:
@@ -296,8 +320,9 @@ def _read_zip(file):
     try:
         zf = zipfile.ZipFile(file)
         names = zf.namelist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError) as e:
-        raise _FileProblem(f"corrupt or truncated zip archive ({e})") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as e:
+        # NotImplementedError: a zip feature Python cannot read (e.g. "zip file version 25.5")
+        raise _FileProblem(f"corrupt or truncated zip archive ({type(e).__name__}: {e})") from None
     pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
     if len(pickles) != 1:
         raise _FileProblem(
