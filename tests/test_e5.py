@@ -16,6 +16,7 @@ from threadpoolctl import threadpool_limits
 
 from koclip.errors import CheckpointError
 from koclip.mini.e5 import E5_CONFIG, TEXT_PREFIX, default_path, dequantize_q4_0, e5_tokenizer, read_e5_bin
+from numerics import U32
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "e5")
 SEMANTRA_TOKENIZER = "semantra_multilingual/assets/multilingual-e5-small/tokenizer.json"
@@ -103,7 +104,7 @@ def test_meta_matches_config(weights):
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "intermediate_size", "max_position_embeddings", "type_vocab_size", "pad_token_id"):
         assert meta[key] == E5_CONFIG[key], key
-    assert meta["layer_norm_eps"] == pytest.approx(E5_CONFIG["layer_norm_eps"])
+    assert meta["layer_norm_eps"] == pytest.approx(E5_CONFIG["layer_norm_eps"], rel=U32)  # a float32 field
     assert (meta["bos_token_id"], meta["eos_token_id"], meta["unk_token_id"]) == (0, 2, 3)
 
 
@@ -223,10 +224,16 @@ def numpy_embeddings(weights, tokenizer, reference):
 
 def test_numpy_bert_matches_c_engine(numpy_embeddings, reference):
     cos = np.sum(numpy_embeddings * reference["c_embeddings"], axis=1)
+    # A quality gate, not a rounding bound: the C engine quantises every matmul's activations to int8
+    # per 32 values (Q8_0), an approximation carried through 12 layers.
     assert cos.min() >= 0.999, dict(zip(reference["sentences"], cos.round(5)))
 
 
 def test_numpy_bert_matches_transformers_bert(numpy_embeddings, reference):
     if "hf_embeddings" not in reference:
         pytest.skip("fixtures were written without torch")
-    np.testing.assert_allclose(numpy_embeddings, reference["hf_embeddings"], atol=2e-5)
+    # Parity at 1e-4 of the magnitudes compared (entries <= 0.16 of unit rows): worst-case float32
+    # rounding through 12 layers of up to 1536-term sums is far larger, so the parity bound decides
+    # (was atol 2e-5, 1.3e-4 of them).
+    hf = reference["hf_embeddings"]
+    np.testing.assert_allclose(numpy_embeddings, hf, rtol=0, atol=1e-4 * np.abs(hf).max())
