@@ -187,7 +187,6 @@ class Engine:
         # Bounded: every folder typed into "your gallery" would otherwise keep its index for good.
         self._galleries = LRU(gallery_cache)
         self._gallery_lock = threading.Lock()
-        self.logit_scale = min(float(np.exp(np.asarray(model.logit_scale[...]))), 100.0)
 
     @property
     def embedder(self):
@@ -236,21 +235,16 @@ class Engine:
 
         template: prompt with '{}' for the label, or None/'' for the bare label.
         ensemble: average over KOREAN_TEMPLATES (and `template`, when it is another one).
-        softmax: scores are probabilities summing to 1 (logits = logit_scale * cosine);
-            off, they are the cosine similarities.
+        softmax: scores are the model's label probabilities (KoCLIP.label_probabilities, as the
+            CLI prints them); off, they are the cosine similarities.
         """
         if ensemble:
             templates = list(dict.fromkeys([template or None, *KOREAN_TEMPLATES]))
         else:
             templates = [template or None]
         ztxt = self.label_vectors(labels, templates)
-        sims = ztxt @ self.image(image, image_key)
-        if softmax:
-            logits = self.logit_scale * sims
-            p = np.exp(logits - logits.max())
-            scores = p / p.sum()
-        else:
-            scores = sims
+        zimg = self.image(image, image_key)
+        scores = self.model.label_probabilities(zimg[None], ztxt)[0] if softmax else ztxt @ zimg
         order = np.argsort(-scores, kind="stable")
         return [Ranked(labels[i], float(scores[i])) for i in order]
 

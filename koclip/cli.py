@@ -61,8 +61,7 @@ def _classify(args) -> int:
     batch = processor(text=texts, images=[image])
     zimg = np.asarray(model.encode_image(batch["pixel_values"]))
     ztxt = np.asarray(model.encode_text(batch["input_ids"], batch["attention_mask"]))
-    logits = 100.0 * zimg @ ztxt.T
-    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    probs = model.label_probabilities(zimg, ztxt)
     for i in np.argsort(-probs[0]):
         print(f"{probs[0, i] * 100:6.2f}%  {labels[i]}")
     return 0

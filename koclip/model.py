@@ -18,6 +18,8 @@ from koclip.towers.layers import l2_normalize
 
 # How many times each jitted entry point was traced (= compiled): tests count these.
 TRACES: Counter = Counter()
+# CLIP clips its learned temperature exp(logit_scale) at 100; zero-shot scores use the same ceiling.
+MAX_LOGIT_SCALE = 100.0
 
 
 class KoCLIP(nnx.Module):
@@ -83,6 +85,20 @@ class KoCLIP(nnx.Module):
         zimg = self.encode_image(pixel_values)
         ztxt = self.encode_text(input_ids, attention_mask)
         return jnp.exp(self.logit_scale[...]) * zimg @ ztxt.T
+
+    def label_scale(self) -> float:
+        """The factor zero-shot scores put on a cosine: exp(logit_scale), at most MAX_LOGIT_SCALE."""
+        return min(float(np.exp(np.asarray(self.logit_scale[...], np.float64))), MAX_LOGIT_SCALE)
+
+    def label_probabilities(self, zimg, ztxt) -> np.ndarray:
+        """Zero-shot scores: for each image, a softmax over the labels of label_scale() * cosine.
+
+        zimg (n, d) and ztxt (m, d), L2-normalised -> (n, m) float64, each row summing to 1.
+        The CLI and the app both score labels with this, so they print the same percentages.
+        """
+        logits = self.label_scale() * (np.asarray(zimg, np.float64) @ np.asarray(ztxt, np.float64).T)
+        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return p / p.sum(axis=-1, keepdims=True)
 
 
 def _pad_rows(x, n: int):
