@@ -82,13 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt template, {} marks the label (default: '이것은 {} 이다'; '' for none)")
     p.set_defaults(func=_classify)
     for name in _SUBCOMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):
-                continue
-            raise
-        mod.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -42,13 +42,18 @@ def available_models() -> list[str]:
     return list(_PRESETS)
 
 
+def unknown(name: str) -> UnknownModelError:
+    """The error for a name that is no preset, hub id or directory, listing the valid names."""
+    return UnknownModelError(
+        f"unknown model {name!r}; valid names: {', '.join(_PRESETS)} "
+        "(or a hub repository id like 'owner/name', or a local checkpoint directory)")
+
+
 def get(name: str) -> Preset:
     try:
         return _PRESETS[name]
     except KeyError:
-        raise UnknownModelError(
-            f"unknown model {name!r}; valid names: {', '.join(_PRESETS)} "
-            "(or a hub repository id like 'owner/name', or a local checkpoint directory)") from None
+        raise unknown(name) from None
 
 
 def is_preset(name: str) -> bool:
