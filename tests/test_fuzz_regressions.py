@@ -23,8 +23,10 @@ from PIL import Image
 
 from koclip import images
 
+from koclip.config import ModelConfig
 from koclip.errors import CheckpointError, FetchError, IndexFileError
 from koclip.fetch import fetch_url
+from koclip.formats import checkpoints
 from koclip.formats.checkpoints import read_tensors
 from koclip.images import CLIP, open_image, preprocess
 from koclip.index import _Journal, load_index
@@ -236,3 +238,27 @@ def test_torch_pickle_memo_index_far_past_its_opcodes_is_refused_before_unpickli
     with address_space_cap(), pytest.raises(CheckpointError, match=re.escape(
             f"{path}: the pickle stores memo entry 67,324,752 at byte 202 after only 11 opcodes")):
         read_all(path)
+
+
+def parse_config(directory):
+    """What koclip.load (a dual encoder) or from_towers (a tower) makes of a config.json."""
+    raw = checkpoints.read_config(directory)
+    if raw.get("model_type") in ("hybrid-clip", "vision-text-dual-encoder", "koclip"):
+        return ModelConfig.from_hf(raw)
+    return checkpoints.tower_config(directory)
+
+
+@pytest.mark.parametrize("name, was, message", [
+    ("json-int", "AttributeError", r"holds a JSON int, expected an object"),
+    ("bert-without-vocab-size", "KeyError", r"lacks the key 'vocab_size', which a bert config has"),
+    ("roberta-without-intermediate-size", "KeyError", r"lacks the key 'intermediate_size', which a roberta"),
+    ("zero-attention-heads", "ZeroDivisionError", r"text_config\.num_attention_heads is 0, expected a positive"),
+    ("zero-patch-size", "ZeroDivisionError", r"vision_config\.patch_size is 0, expected a positive integer"),
+    # Found by review, not by the fuzzer:
+    ("hidden-size-a-string", "TypeError", r"text_config\.hidden_size is '32', expected a positive integer"),
+    ("nested-100000-deep", "RecursionError", r"not valid JSON \(nested too deeply\)"),
+])
+def test_malformed_config_json_is_a_checkpoint_error_naming_the_file(name, was, message):
+    directory = FUZZ / "config" / name
+    with pytest.raises(CheckpointError, match=re.escape(str(directory / "config.json")) + ": " + message):
+        parse_config(directory)

@@ -13,6 +13,7 @@ Formats, told apart by `config.json`'s `model_type`:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -47,14 +48,60 @@ _VIT_RULES = [(p, None) for p in _DROP_ALWAYS] + [
 ]
 
 
+# The config.json keys that koclip.config reads, by what each must hold.  read_config checks them
+# where they are read (the top level, text_config, vision_config, a CLIP config's own
+# vision_config, and koclip), so that a malformed file fails naming the key, not later as a
+# TypeError or ZeroDivisionError inside ModelConfig.
+_POSITIVE_INTS = ("hidden_size", "num_attention_heads", "image_size", "patch_size", "projection_dim",
+                  "max_length", "conse_top_k")
+_COUNTS = ("vocab_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings",
+           "type_vocab_size", "num_channels")
+_NUMBERS = ("layer_norm_eps", "logit_scale_init_value")
+_STRINGS = ("model_type", "hidden_act", "koclip_pooling", "koclip_positions", "variant", "head", "preprocess",
+            "tokenizer", "text_prefix")
+_SECTIONS = ("text_config", "vision_config", "koclip")
+
+
 def read_config(directory) -> dict:
+    """`directory`/config.json as a dict, with the values koclip reads checked for type."""
     path = Path(directory) / "config.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; a checkpoint directory needs a config.json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(raw).__name__}, expected an object")
+    _check_config(raw, path, "")
+    return raw
+
+
+def _check_config(d: dict, path: Path, where: str) -> None:
+    def bad(key, what):
+        raise CheckpointError(f"{path}: {where}{key} is {d[key]!r}, expected {what}")
+
+    for key in _POSITIVE_INTS + _COUNTS:
+        if key in d and not (type(d[key]) is int and d[key] >= (1 if key in _POSITIVE_INTS else 0)):
+            bad(key, "a positive integer" if key in _POSITIVE_INTS else "a non-negative integer")
+    if d.get("pad_token_id") is not None and type(d["pad_token_id"]) is not int:
+        bad("pad_token_id", "an integer or null")
+    for key in _NUMBERS:
+        if key in d and (type(d[key]) not in (int, float) or not math.isfinite(d[key])):
+            bad(key, "a finite number")
+    for key in _STRINGS:
+        if key in d and not isinstance(d[key], str):
+            bad(key, "a string")
+    for key in _SECTIONS:
+        # A dual encoder reads text_config and vision_config; a CLIP config, its vision_config.
+        read = key == "koclip" or d.get("model_type") in ("hybrid-clip", "vision-text-dual-encoder", "koclip") \
+            or (key == "vision_config" and d.get("model_type") == "clip")
+        if key in d and (read or d[key] is not None):
+            if not isinstance(d[key], dict):
+                bad(key, "an object")
+            _check_config(d[key], path, f"{where}{key}.")
 
 
 def find_weights(directory) -> Path:
@@ -204,12 +251,18 @@ def load_tower_into(model: KoCLIP, part: str, directory) -> None:
 def tower_config(directory) -> TextConfig | VisionConfig:
     """The tower config of a single-tower checkpoint directory."""
     raw = read_config(directory)
+    path = Path(directory) / "config.json"
     mt = raw.get("model_type")
-    if mt in ("bert", "roberta", "xlm-roberta"):
-        return TextConfig.from_hf(raw)
-    if mt in ("clip", "clip_vision_model", "vit"):
-        return VisionConfig.from_hf(raw)
-    raise CheckpointError(f"{Path(directory) / 'config.json'}: model_type {mt!r} is not a tower; "
+    try:
+        if mt in ("bert", "roberta", "xlm-roberta"):
+            return TextConfig.from_hf(raw)
+        if mt in ("clip", "clip_vision_model", "vit"):
+            return VisionConfig.from_hf(raw)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: lacks the key {e.args[0]!r}, which a {mt} config has") from None
+    except CheckpointError as e:  # koclip.config names the value; add the file
+        raise CheckpointError(f"{path}: {e}") from None
+    raise CheckpointError(f"{path}: model_type {mt!r} is not a tower; "
                           "valid: bert, roberta, xlm-roberta, clip, clip_vision_model, vit")
 
 
