@@ -413,7 +413,7 @@ class _Journal:
         out = {"records": {}, "chunks": [], "failed": {}, "dups": {}}
         for p in self._chunks():
             try:
-                c = self._columns(p)
+                c = self._chunk_columns(p)
             # A chunk is our own file, so any failure to read it (zipfile and numpy raise a dozen
             # types on damaged bytes) means damage; dropping it costs only re-embedding its images.
             except Exception as e:  # noqa: BLE001
@@ -438,7 +438,7 @@ class _Journal:
     _INTS = ("size", "width", "height")
 
     @classmethod
-    def _columns(cls, p: Path) -> dict:
+    def _chunk_columns(cls, p: Path) -> dict:
         """A chunk's record columns (all but the vectors), checked to be what `commit` writes:
         1-D text and integer columns of matching lengths, and as many vector rows as records."""
         with np.load(p, allow_pickle=False) as z:
