@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from numerics import U32, reduction_rtol
+from numerics import reduction_rtol
 
 pytestmark = pytest.mark.browser
 
@@ -135,8 +135,8 @@ def test_upload_a_photo_type_labels_and_read_the_ranking(server):
     assert sorted(ranked) == sorted(LABELS)
     percents = [float(t.split(" — ")[1].strip("<%")) for t in items]  # "<0.1%" reads as 0.1
     # Shown to 0.1 (<= 0.05 off), "<0.1%" (under 0.05 %) read as 0.1 (<= 0.1 off, all but the top one),
-    # the float32 softmax's sum (gamma_k + u): as test_app.shown_percent_atol.
-    shown_atol = 0.1 * (len(percents) - 1) + 0.05 + 100 * (reduction_rtol(len(percents)) + U32)
+    # the float64 softmax's sum (gamma_k + u): as test_app.shown_percent_atol.
+    shown_atol = 0.1 * (len(percents) - 1) + 0.05 + 100 * (reduction_rtol(len(percents), u=2.0 ** -53) + 2.0 ** -53)
     assert percents == sorted(percents, reverse=True) and sum(percents) == pytest.approx(100, abs=shown_atol)
     assert f"Active: {model}" in " ".join(sidebar.split())  # the server's model stayed selected
     if model == "koclip-mini":
