@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 
@@ -18,12 +20,20 @@ def run(args) -> int:
     import logging
 
     from koclip.train.config import load_config
-    from koclip.train.train import train_and_evaluate
+    from koclip.train.train import PeerLostError, train_and_evaluate
 
     logging.getLogger("absl").setLevel(logging.WARNING)
     cfg = load_config(args.config, args.overrides)
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
-    summary = train_and_evaluate(cfg, workdir)
+    try:
+        summary = train_and_evaluate(cfg, workdir)
+    except PeerLostError as e:
+        # Exit now: a normal exit runs JAX's shutdown, which waits at a barrier for every
+        # process (the lost one never comes) until the heartbeat timeout aborts this one.
+        print(f"koclip train: error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -5,6 +5,10 @@ computed once per image (or per distinct caption) and stored in an `.npz` under
 the cache folder, named by a digest of the tower's config and weights, the
 dataset's contents and the preprocessing.  Training then feeds these features
 straight into the projection heads.  Files are written atomically.
+
+Several processes: only process 0 looks for and writes cache files; the
+others receive its features (a cache hit) or compute them with it (a miss),
+so hosts need not share a disk.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from koclip.fingerprint import weights_digest
+from koclip.train import parallel
 from koclip.train.data import Batches, Tokenize
 from koclip.train.parallel import batch_sharding, replicated
 
@@ -51,9 +56,19 @@ def _run_tower(fn, state, batches, total: int, n: int, mesh, progress: bool, des
     outs, oks = [], []
     for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
         arrays = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items() if k != "valid"}
-        outs.append(np.asarray(jax.device_get(fn(state, **arrays)), np.float32))
+        outs.append(np.asarray(parallel.to_host(fn(state, **arrays)), np.float32))
         oks.append(batch["valid"])
     return np.concatenate(outs)[:n], np.concatenate(oks)[:n]
+
+
+def _cached(path: Path, names: tuple[str, ...]) -> dict | None:
+    """The arrays `names` of cache file `path` as process 0 reads them, on every process;
+    None when process 0 has no such file."""
+    found = None
+    if jax.process_index() == 0 and path.is_file():
+        with np.load(path) as z:
+            found = {k: z[k] for k in names}
+    return parallel.arrays_from_process_0(found)
 
 
 def image_features(model, dataset, spec, cache_dir, *, mesh, batch_size: int = 64, num_workers: int = 2,
@@ -66,10 +81,9 @@ def image_features(model, dataset, spec, cache_dir, *, mesh, batch_size: int = 6
     key = _key("image", model.config.vision.to_hf(), weights_digest(model.vision_model),
                dataset.fingerprint(), repr(spec), len(dataset))
     path = Path(cache_dir) / f"image-{key}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            log.info("image features from cache %s", path)
-            return z["feats"], z["ok"], path
+    if (hit := _cached(path, ("feats", "ok"))) is not None:
+        log.info("image features from cache %s", path)
+        return hit["feats"], hit["ok"], path
     graphdef, state = nnx.split(model.vision_model)
     fn = jax.jit(lambda s, pixel_values: nnx.merge(graphdef, s)(pixel_values)[1])
     state = jax.device_put(state, replicated(mesh))
@@ -99,10 +113,9 @@ def text_features(model, texts: list[str], tokenize: Tokenize, tokenizer_id: str
     key = _key("text", model.config.text.to_hf(), weights_digest(model.text_model), tokenizer_id,
                hashlib.sha256("\n".join(texts).encode()).hexdigest())
     path = Path(cache_dir) / f"text-{key}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            log.info("text features from cache %s", path)
-            return z["feats"], path
+    if (hit := _cached(path, ("feats",))) is not None:
+        log.info("text features from cache %s", path)
+        return hit["feats"], path
     graphdef, state = nnx.split(model.text_model)
     fn = jax.jit(lambda s, input_ids, attention_mask: nnx.merge(graphdef, s)(input_ids, attention_mask)[1])
     state = jax.device_put(state, replicated(mesh))

@@ -42,6 +42,10 @@ class DivergedError(KoclipError):
     """The loss became NaN or infinite."""
 
 
+class PeerLostError(KoclipError):
+    """Another process of a multi-process run stopped (crashed, was killed, or lost its host)."""
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array        # batches consumed (micro-batches when accumulating)
@@ -166,18 +170,7 @@ def eval_step(state: TrainState, batch: dict, *, graphdef, opts: StepOptions):
     return zimg, ztxt, valid, loss
 
 
-def to_host(tree):
-    """Device arrays -> numpy, also for arrays spread over several processes."""
-    def one(x):
-        if not isinstance(x, jax.Array) or x.is_fully_addressable:
-            return np.asarray(jax.device_get(x))
-        if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    return jax.tree.map(one, tree)
+to_host = parallel.to_host
 
 
 def evaluate(eval_fn, state: TrainState, batches, mesh) -> dict[str, float]:
@@ -352,6 +345,23 @@ def _check_compatible(meta: dict, expect: dict, directory) -> None:
                           "use a new --workdir or the original settings")
 
 
+@dataclasses.dataclass
+class _Progress:
+    """How far a run got, for the message when a peer process is lost."""
+
+    step: int | None = None          # the last step whose loss was read
+    saved: int | None = None         # the last checkpoint's step
+    directory: Path | None = None
+
+    def lost_peer_message(self, error: BaseException) -> str:
+        detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        where = ("before its first step" if self.step is None else f"after step {self.step}")
+        resume = (f"restart all processes to resume from the last checkpoint (step {self.saved} in "
+                  f"{self.directory} on process 0's host)" if self.saved is not None
+                  else "no checkpoint was saved yet: restarting all processes starts from step 0")
+        return f"{parallel.peer_description()} stopped responding ({detail}); the run stopped {where}; {resume}"
+
+
 def train_and_evaluate(cfg: TrainConfig, workdir, *, model: KoCLIP | None = None, processor=None) -> dict:
     """Trains per `cfg`, resuming from WORKDIR/checkpoints if any; returns a summary dict.
 
@@ -360,7 +370,27 @@ def train_and_evaluate(cfg: TrainConfig, workdir, *, model: KoCLIP | None = None
     Writes WORKDIR/metrics.jsonl, WORKDIR/tb/ (TensorBoard), WORKDIR/checkpoints/
     (orbax), WORKDIR/summary.json and the final model in koclip's format
     (WORKDIR/model unless `export_dir`).
+
+    Several processes (see koclip.train.parallel): each passes its own WORKDIR (the
+    hosts need not share a disk); only process 0 writes the files above and the
+    feature cache, and a resumed run restores process 0's checkpoint everywhere.
+    When another process stops, raises PeerLostError, saying after which step and
+    from which checkpoint to resume.  The process should then exit at once
+    (`os._exit`, as `koclip train` does): JAX's shutdown waits at a barrier for
+    every process, which a dead one never reaches, until its heartbeat timeout
+    (100 s) aborts the process.
     """
+    parallel.maybe_initialize_distributed()
+    at = _Progress()
+    try:
+        return _train_and_evaluate(cfg, Path(workdir), model, processor, at)
+    except jax.errors.JaxRuntimeError as e:
+        if not parallel.lost_peer(e):
+            raise
+        raise PeerLostError(at.lost_peer_message(e)) from e
+
+
+def _train_and_evaluate(cfg: TrainConfig, workdir: Path, model, processor, at: _Progress) -> dict:
     from tqdm import tqdm
 
     from koclip.formats import checkpoints as koclip_checkpoints
@@ -368,7 +398,6 @@ def train_and_evaluate(cfg: TrainConfig, workdir, *, model: KoCLIP | None = None
     from koclip.train.writers import MetricWriter
 
     t_start = time.perf_counter()
-    parallel.maybe_initialize_distributed()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = _resolve_synthetic(cfg, workdir)
@@ -418,6 +447,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir, *, model: KoCLIP | None = None
              len(train_ds), spe, total, n_train / 1e6, n_frozen / 1e6)
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    at.directory = ckpt.directory
     expect = {"seed": cfg.seed, "global_batch": global_batch, "steps_per_epoch": spe,
               "train_data": cfg.train_data, "features": cfg.features}
     start, last_good = 0, None
@@ -425,7 +455,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir, *, model: KoCLIP | None = None
         tree, meta = ckpt.restore(state.checkpoint_tree())
         _check_compatible(meta, expect, ckpt.directory)
         state = state.replace(**tree)
-        start = last_good = int(tree["step"])
+        start = last_good = at.saved = at.step = int(tree["step"])
         log.info("resumed from step %d (epoch %d) in %s", start, start // spe, ckpt.directory)
     writer = MetricWriter(workdir, enabled=lead)
     bar = tqdm(total=total, initial=start, desc="train", disable=not progress, unit="step")
@@ -447,7 +477,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir, *, model: KoCLIP | None = None
             raise DivergedError(f"loss became {loss} at step {s} (epoch {(s - 1) // spe}); training stopped. "
                                 f"Last good checkpoint: {where}. Lower learning_rate (now {cfg.learning_rate:g}) "
                                 "or raise warmup_steps, then run again to resume.")
-        last_loss = loss
+        last_loss, at.step = loss, s
 
     def save(s):
         nonlocal last_good
@@ -456,7 +486,7 @@ def train_and_evaluate(cfg: TrainConfig, workdir, *, model: KoCLIP | None = None
                                 f"Last good checkpoint: step {last_good} in {ckpt.directory}.")
         ckpt.save(s, state.checkpoint_tree(), {**expect, "step": s, "epoch": s // spe,
                                                "bad_images": len(train_batches.bad_images)})
-        last_good = s
+        last_good = at.saved = s
 
     def run_eval(s):
         nonlocal val_metrics
