@@ -22,7 +22,10 @@ shown (script idle, images loaded).  Round 1 is cold (the server's first model l
 rounds warm.  An error is an exception box or an error message on the page, a timeout, a
 crashed page, a traceback in the server log, or a failed health check after the round.
 RSS is the server's (streamlit and its children), before and after each round (after: once the
-contexts have closed and --settle seconds passed), and its peak during the round.
+contexts have closed and --settle seconds passed), and its peak during the round.  CPU seconds
+used in each round are given for the server and for the browser (Chromium and Playwright's
+driver), which share the machine's cores: on a small machine the browser's share bounds what
+the latencies can show of the server.
 
 Targets: 0 errors; warm p95 of image to text's result at N=8 <= 4x its warm p50 at N=1; for each N, RSS
 after the last round within --rss-allowance MB of RSS after round 2.
@@ -151,6 +154,13 @@ class Server:
                 pass
         return total / 2**20
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server (with its children) has used so far."""
+        try:
+            return tree_cpu_s([psutil.Process(self.proc.pid)])
+        except psutil.NoSuchProcess:
+            return float("nan")
+
     def log_errors(self) -> int:
         """Tracebacks and the app's 'unexpected error' lines in the server log so far."""
         text = self.log_path.read_text(errors="replace")
@@ -173,6 +183,32 @@ class Server:
         self._log.close()
 
 
+def tree_cpu_s(roots) -> float:
+    """CPU seconds of processes and all their descendants, those already exited included
+    (a reaped child's time is in its parent's children_* fields)."""
+    seen, total = set(), 0.0
+    for root in roots:
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for q in procs:
+            if q.pid in seen:
+                continue
+            seen.add(q.pid)
+            try:
+                t = q.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+            except psutil.NoSuchProcess:
+                pass
+    return total
+
+
+def browser_cpu_s(server: Server) -> float:
+    """CPU seconds of this process's children other than the server: Playwright's driver and Chromium."""
+    return tree_cpu_s([c for c in psutil.Process().children() if c.pid != server.proc.pid])
+
+
 # ---------------------------------------------------------------- one session
 
 @dataclass
@@ -192,6 +228,8 @@ class Round:
     rss_before: float = 0.0
     rss_after: float = 0.0
     rss_peak: float = 0.0
+    server_cpu: float = 0.0   # CPU seconds during the round
+    browser_cpu: float = 0.0
     server_errors: int = 0
     healthy_after: bool = True
     load: str = ""
@@ -325,6 +363,7 @@ async def session(browser, url: str, work, barrier: asyncio.Barrier, timeout_ms:
 async def run_round(browser, server: Server, n: int, number: int, timeout_s: float, settle_s: float) -> Round:
     rnd = Round(n, number, load=load_average())
     rnd.rss_before = rnd.rss_peak = server.rss_mb()
+    cpu0, browser0 = server.cpu_s(), browser_cpu_s(server)
     errors_before = server.log_errors()
     barrier = asyncio.Barrier(n)
     done = asyncio.Event()
@@ -350,6 +389,7 @@ async def run_round(browser, server: Server, n: int, number: int, timeout_s: flo
         await sampler
     await asyncio.sleep(settle_s)
     rnd.rss_after = server.rss_mb()
+    rnd.server_cpu, rnd.browser_cpu = server.cpu_s() - cpu0, browser_cpu_s(server) - browser0
     rnd.healthy_after = healthy(server.url)
     rnd.server_errors = server.log_errors() - errors_before
     return rnd
@@ -399,7 +439,9 @@ def print_round(r: Round) -> None:
     kind = "cold" if r.cold else "warm"
     print(f"\nN={r.n} round {r.number} ({kind}): {r.seconds:.1f} s, load average before {r.load}, "
           f"after {load_average()}; server RSS {r.rss_before:.0f} -> {r.rss_after:.0f} MB (peak {r.rss_peak:.0f}); "
-          f"health after: {'ok' if r.healthy_after else 'FAILED'}; server log errors: {r.server_errors}")
+          f"health after: {'ok' if r.healthy_after else 'FAILED'}; server log errors: {r.server_errors}; "
+          f"CPU used: server {r.server_cpu:.0f} s, browser {r.browser_cpu:.0f} s "
+          f"(of {r.seconds * (os.cpu_count() or 1):.0f} core-seconds)")
     for page in PAGES:
         st = page_stats([r], page)
         print(f"  {page:14s} shown {st.shown}/{st.expected}  errors {st.errors}  "
@@ -431,12 +473,13 @@ def summary(all_rounds: dict[int, list[Round]], allowance_mb: float, cpu: str) -
             print(f"| {n} | {page} | {c.shown}/{c.expected} | {fmt(c, 'open')} | {fmt(c, 'result')} "
                   f"| {w.shown}/{w.expected} | {fmt(w, 'open')} | {fmt(w, 'result')} | {c.errors + w.errors} |")
     print("\n| N | server RSS, MB: before round 1; after each round (peak during it) | server log errors, "
-          "failed health checks | load average before each round |")
-    print("|---|---|---|---|")
+          "failed health checks | CPU s per round, server / browser | load average before each round |")
+    print("|---|---|---|---|---|")
     for n, rounds in all_rounds.items():
         rss = ", ".join(f"{r.rss_after:.0f} ({r.rss_peak:.0f})" for r in rounds)
+        cpu = ", ".join(f"{r.server_cpu:.0f} / {r.browser_cpu:.0f}" for r in rounds)
         print(f"| {n} | {rounds[0].rss_before:.0f}; {rss} | {sum(r.server_errors for r in rounds)}, "
-              f"{sum(not r.healthy_after for r in rounds)} | {'; '.join(r.load for r in rounds)} |")
+              f"{sum(not r.healthy_after for r in rounds)} | {cpu} | {'; '.join(r.load for r in rounds)} |")
 
     total_errors = sum(round_errors(r) for rounds in all_rounds.values() for r in rounds)
     verdicts = [f"errors {total_errors} (target 0): {'met' if total_errors == 0 else 'MISSED'}"]
