@@ -10,6 +10,9 @@ from PIL import Image
 
 from koclip.config import TINY
 from koclip.model import MAX_LOGIT_SCALE, KoCLIP
+from numerics import U32, unit_norm_atol
+
+U64 = 2.0 ** -53  # float64 unit roundoff
 
 
 def _tiny(logit_scale: float) -> KoCLIP:
@@ -25,14 +28,17 @@ def test_label_probabilities_are_a_softmax_of_the_scaled_cosines():
     # Image 0: cosines (1, 0), scale 2 -> e^2 / (e^2 + 1); image 1: cosines (0.6, 0.8) -> logits (1.2, 1.6).
     want = np.array([[math.e ** 2 / (math.e ** 2 + 1), 1 / (math.e ** 2 + 1)],
                      [1 / (1 + math.exp(0.4)), math.exp(0.4) / (1 + math.exp(0.4))]])
-    # logit_scale is stored in float32: exp of it is within 2**-24 relative of 2, which moves the
-    # probabilities by less than 1e-7; the rest is float64.
-    np.testing.assert_allclose(model.label_probabilities(zimg, ztxt), want, rtol=0, atol=1e-6)
+    # logit_scale is stored in float32: log 2 rounded (u of it), so exp of it is within u log 2 relative of
+    # 2; a two-way softmax moves by at most 1/4 of its logit difference's change (<= 2 u log 2 * 1); the
+    # rest is float64, a few u64.
+    atol = 2 * U32 * math.log(2.0) / 4 + 8 * U64
+    np.testing.assert_allclose(model.label_probabilities(zimg, ztxt), want, rtol=0, atol=atol)
 
 
 def test_the_scale_stops_at_clips_ceiling():
     assert _tiny(math.log(1000.0)).label_scale() == MAX_LOGIT_SCALE == 100.0
-    assert _tiny(math.log(24.0)).label_scale() == pytest.approx(24.0, rel=1e-6)
+    # log 24 rounded to float32 (u of it), exp in float64.
+    assert _tiny(math.log(24.0)).label_scale() == pytest.approx(24.0, rel=U32 * math.log(24.0) + 2 * U64)
 
 
 def test_the_cli_and_the_app_print_the_same_percentages(monkeypatch, capsys):
@@ -48,7 +54,14 @@ def test_the_cli_and_the_app_print_the_same_percentages(monkeypatch, capsys):
     assert main(["classify", str(photo), *labels]) == 0
     printed = {label: float(p) for p, label in re.findall(r"^\s*([\d.]+)%\s+(\S+)$", capsys.readouterr().out, re.M)}
     assert set(printed) == set(labels)
-    ranked = Engine(model, processor).classify(Image.open(photo), labels)
+    engine = Engine(model, processor)
+    ranked = engine.classify(Image.open(photo), labels)
     assert max(r.score for r in ranked) < 0.99  # not a 100% / 0% split, where any scale would agree
-    for r in ranked:  # the CLI prints percentages to two decimals
-        assert printed[r.label] == pytest.approx(100 * r.score, abs=0.005 + 1e-9)
+    # The same image vector on both sides; the app renormalises the text vectors (label_vectors: a mean
+    # over one template), which scales each by 1 +- 2 unit_norm_atol(d) and rounds each entry (u), so a
+    # cosine moves by 2 unit_norm_atol(d) |cos| + u, a logit by the scale times that, and a probability p
+    # by at most 2 p times the largest logit change.  The CLI prints two decimals (<= 0.005 off).
+    cos = float(np.abs(engine.label_vectors(labels, ["이것은 {} 이다"]) @ engine.image(Image.open(photo))).max())
+    moved = model.label_scale() * (2 * unit_norm_atol(model.config.projection_dim) * cos + U32)
+    for r in ranked:
+        assert printed[r.label] == pytest.approx(100 * r.score, abs=0.005 + 100 * 2 * r.score * moved + 1e-9)
