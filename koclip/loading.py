@@ -8,13 +8,16 @@ from pathlib import Path
 
 from flax import nnx
 
-from koclip import hub, registry
+from koclip import hub, quantize, registry
 from koclip.config import ModelConfig
 from koclip.errors import CheckpointError
 from koclip.fingerprint import model_digest
 from koclip.formats import checkpoints
 from koclip.model import KoCLIP
-from koclip.processing import Processor, image_spec_for, load_tokenizer
+from koclip.mini import build as mini_build
+from koclip.mini.e5 import e5_tokenizer
+from koclip.processing import Processor
+from koclip.tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,24 +44,19 @@ def load(name: str = "koclip-mini", *, revision: str | None = None, precision: s
         preset = registry.get(name)
         overrides = dict(preset.overrides)
         if preset.source.startswith("builtin:"):
-            from koclip.mini import build
-
-            model, processor, path = build.load_mini()
+            model, processor, path = mini_build.load_mini()
             _finish(model, name, "installed packages", path, t0)
             return _with_precision(model, precision), processor
         source = preset.source
     elif Path(name).expanduser().is_dir() or hub.is_repo_id(name):
         source = name
     else:
-        registry.get(name)  # raises with the list of valid names
-        raise AssertionError  # unreachable
+        raise registry.unknown(name)
     directory = hub.resolve(source, revision=revision, label=name)
     raw = checkpoints.read_config(directory)
     config = ModelConfig.from_hf(raw, **overrides)
     model = checkpoints.load_dual_encoder(directory, config)
-    tokenizer = load_tokenizer(config.tokenizer, directory)
-    processor = Processor(tokenizer, image_spec_for(config), max_length=config.max_length,
-                          text_prefix=config.text_prefix)
+    processor = Processor.for_config(config, tokenizer_for(config, directory))
     _finish(model, name, source, str(directory), t0)
     return _with_precision(model, precision), processor
 
@@ -73,8 +71,6 @@ def _with_precision(model, precision):
     (what serves fastest here within the quality gates: `koclip.quantize.auto_plan`)."""
     if precision in (None, "fp32", "float32"):
         return model
-    from koclip import quantize
-
     if precision == "auto":
         mode, exclude = quantize.auto_plan(model.config)
     else:
@@ -107,7 +103,15 @@ def from_towers(text: str, vision: str, *, projection_dim: int = 512, seed: int 
     return model
 
 
+def tokenizer_for(config: ModelConfig, directory=None):
+    """The tokenizer `config.tokenizer` names: the one in `directory` when it holds a tokenizer.json,
+    the bundled e5 tokenizer for "e5" (koclip-mini), else a hub id or local path."""
+    has_own = directory is not None and (Path(directory) / "tokenizer.json").is_file()
+    if config.tokenizer == "e5" and not has_own:
+        return e5_tokenizer()
+    return load_tokenizer(config.tokenizer, directory)
+
+
 def processor_for(model: KoCLIP, directory=None) -> Processor:
-    config = model.config
-    return Processor(load_tokenizer(config.tokenizer, directory), image_spec_for(config),
-                     max_length=config.max_length, text_prefix=config.text_prefix)
+    """The processor for a model built in this process (e.g. by `from_towers` or training)."""
+    return Processor.for_config(model.config, tokenizer_for(model.config, directory))

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import unicodedata
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
 from koclip.buckets import LENGTH_BUCKETS, bucket
 from koclip.errors import CheckpointError, KoclipError
+from koclip.images import PRESETS, open_image, preprocess
 
 DEFAULT_TEMPLATE = "이것은 {} 이다"
 # Templates for prompt ensembling: averaged label embeddings are more robust than any single one.
@@ -55,30 +55,6 @@ def clean_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
     return kept, dropped
 
 
-def load_tokenizer(name: str, directory: Path | None = None):
-    """A tokenizer: from `directory` when it holds a tokenizer.json (a koclip.tokenizer.FastTokenizer,
-    without importing transformers), else `name` (a hub id resolved through koclip.hub, a local
-    path, or "e5" for the bundled e5 tokenizer; a transformers tokenizer)."""
-    if directory is not None and (Path(directory) / "tokenizer.json").is_file():
-        from koclip.tokenizer import FastTokenizer
-
-        return FastTokenizer.from_directory(directory)
-    if name == "e5":
-        from koclip.mini.e5 import e5_tokenizer
-
-        return e5_tokenizer()
-    from koclip import hub
-
-    local = hub.resolve(name, weights=False, label=f"tokenizer {name}")
-    # transformers' auto classes import torch when it is installed (seconds): import only what is used.
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(local))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{local}: cannot load tokenizer: {e}") from None
-
-
 class Processor:
     """Prepares model inputs.
 
@@ -92,6 +68,12 @@ class Processor:
         self.image_spec = image_spec
         self.max_length = max_length
         self.text_prefix = text_prefix
+
+    @classmethod
+    def for_config(cls, config, tokenizer) -> Processor:
+        """The processor a model of `config` (a ModelConfig) needs: its image preprocessing
+        (image_spec_for), its text length and prefix, around `tokenizer`."""
+        return cls(tokenizer, image_spec_for(config), max_length=config.max_length, text_prefix=config.text_prefix)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         if isinstance(texts, str):
@@ -110,8 +92,6 @@ class Processor:
         return {"input_ids": ids, "attention_mask": mask}
 
     def preprocess_images(self, images) -> np.ndarray:
-        from koclip.images import open_image, preprocess
-
         if not isinstance(images, (list, tuple)):
             images = [images]
         return preprocess([open_image(im) for im in images], self.image_spec)
@@ -127,8 +107,6 @@ class Processor:
 
 def image_spec_for(config):
     """The preprocessing preset named by a ModelConfig, sized to its image tower."""
-    from koclip.images import PRESETS
-
     try:
         spec = PRESETS[config.preprocess]
     except KeyError:

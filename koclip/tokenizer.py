@@ -10,6 +10,9 @@ its interface that koclip uses:
         -> {"input_ids": [[0, ...]], "attention_mask": [[1, ...]]}, lists, unpadded
     tok.pad_token_id, tok.eos_token, tok.model_max_length, ...
     tok.save_pretrained("out/")                      # files that transformers' AutoTokenizer reads
+
+`load_tokenizer(name, directory)` picks it when `directory` holds a tokenizer.json,
+and falls back on transformers' AutoTokenizer for other layouts.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+
+from koclip import hub
+from koclip.errors import CheckpointError
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -135,3 +141,19 @@ def read_config(directory: Path) -> dict:
     if isinstance(config.get("model_max_length"), int) and config["model_max_length"] < 10**9:
         out["model_max_length"] = config["model_max_length"]
     return out
+
+
+def load_tokenizer(name: str, directory: Path | None = None):
+    """A tokenizer: from `directory` when it holds a tokenizer.json (a FastTokenizer, without
+    importing transformers), else `name` (a hub id resolved through koclip.hub, or a local path)
+    through transformers' AutoTokenizer."""
+    if directory is not None and (Path(directory) / "tokenizer.json").is_file():
+        return FastTokenizer.from_directory(directory)
+    local = hub.resolve(name, weights=False, label=f"tokenizer {name}")
+    # transformers' auto classes import torch when it is installed (seconds): import only what is used.
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(local))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{local}: cannot load tokenizer: {e}") from None

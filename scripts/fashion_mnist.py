@@ -41,8 +41,6 @@ def mini_towers(seed: int = 0, projection_dim: int = 256):
 
     Returns (model, processor).  The heads are random, so zero-shot accuracy before training is chance.
     """
-    import dataclasses
-
     from flax import nnx
 
     from koclip.config import ModelConfig, TextConfig, VisionConfig
@@ -55,14 +53,13 @@ def mini_towers(seed: int = 0, projection_dim: int = 256):
     text = TextConfig(kind="bert", pooling="mean", **E5_CONFIG)
     vision = VisionConfig(kind="efficientnet", image_size=224, patch_size=1, variant="lite0")
     config = ModelConfig(text=text, vision=vision, projection_dim=projection_dim, head="affine",
-                         tokenizer="e5", max_length=64, text_prefix=TEXT_PREFIX)
+                         tokenizer="e5", max_length=64, text_prefix=TEXT_PREFIX, preprocess="imagenet-lite0")
     model = numpy_initialised(config, seed)
     state, _ = read_e5_bin()
     targets = param_shapes(model.text_model)
     assign(model.text_model, ((name, x) for name, x, _ in torch_to_flax_names(state.items(), targets)), "e5")
     nnx.update(model.vision_model, nnx.state(efficientnet.load_pretrained()))
-    spec = dataclasses.replace(efficientnet.IMAGENET_PREPROCESS)
-    return model, Processor(e5_tokenizer(), spec, max_length=config.max_length, text_prefix=TEXT_PREFIX)
+    return model, Processor.for_config(config, e5_tokenizer())
 
 
 def heads_zeroshot(model, processor, pooled, labels, classnames, templates) -> dict:

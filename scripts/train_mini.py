@@ -48,7 +48,7 @@ from koclip.formats import safetensors_io  # noqa: E402
 from koclip.mini import build, heads  # noqa: E402
 from koclip.towers import conse  # noqa: E402
 from koclip.towers.layers import l2_normalize  # noqa: E402
-from koclip.processing import ENGLISH_TEMPLATES, KOREAN_TEMPLATES, Processor, image_spec_for  # noqa: E402
+from koclip.processing import ENGLISH_TEMPLATES, KOREAN_TEMPLATES, Processor  # noqa: E402
 
 SEED = 0
 HOLDOUT = 0.2
@@ -383,8 +383,7 @@ def main(argv=None) -> int:
     params, tokenizer, _, status = build.load_towers()
     model = build.assemble(config, params, build.default_heads(config))
     del params
-    processor = Processor(tokenizer, image_spec_for(config), max_length=config.max_length,
-                          text_prefix=config.text_prefix)
+    processor = Processor.for_config(config, tokenizer)
     log(f"towers ready ({status}) in {time.perf_counter() - t0:.0f} s")
 
     if args.features and args.features.is_file():

@@ -7,7 +7,7 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import write_tiny_tokenizer
 from koclip.errors import CheckpointError
-from koclip.processing import load_tokenizer
+from koclip.tokenizer import load_tokenizer
 from koclip.tokenizer import SPECIAL_TOKENS, FastTokenizer
 
 TEXTS = [

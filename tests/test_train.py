@@ -200,7 +200,8 @@ def test_schedule_warms_up_then_decays():
 def _batches(dataset_path_or_ds, tokenizer_dir, batch_size=8, **kw):
     from koclip.config import TINY
     from koclip.evaluation.datasets import read_captions
-    from koclip.processing import image_spec_for, load_tokenizer
+    from koclip.processing import image_spec_for
+    from koclip.tokenizer import load_tokenizer
     from koclip.train.data import Batches, fixed_length_tokenizer
 
     ds = read_captions(dataset_path_or_ds) if isinstance(dataset_path_or_ds, str) else dataset_path_or_ds

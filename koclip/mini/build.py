@@ -50,7 +50,7 @@ from koclip.formats.torch_zip import read_torch_state_dict
 from koclip.mini import e5
 from koclip.mini.e5 import E5_CONFIG, TEXT_PREFIX, e5_tokenizer, read_e5_bin
 from koclip.model import KoCLIP
-from koclip.processing import Processor, image_spec_for
+from koclip.processing import Processor
 from koclip.tokenizer import FastTokenizer
 from koclip.towers import bert, efficientnet
 from koclip.towers.conse import ImageHead, TextHead
@@ -426,6 +426,4 @@ def load_mini(cache: str | os.PathLike | None = None):
     model = assemble(config, params, read_heads(), source=f"koclip-mini ({HEADS_FILE.name} + {directory})")
     del params
     object.__setattr__(model, "cache_status", status)
-    processor = Processor(tokenizer, image_spec_for(config), max_length=config.max_length,
-                          text_prefix=config.text_prefix)
-    return model, processor, str(directory)
+    return model, Processor.for_config(config, tokenizer), str(directory)

@@ -27,7 +27,10 @@ from flax import nnx
 
 from koclip.errors import KoclipError
 from koclip.evaluation.metrics import retrieval_metrics
-from koclip.model import KoCLIP, l2_normalize
+from koclip.model import KoCLIP
+from koclip.processing import Processor
+from koclip.tokenizer import load_tokenizer
+from koclip.towers.layers import l2_normalize
 from koclip.train import parallel
 from koclip.train.config import TrainConfig
 from koclip.train.losses import blockwise, clip_loss, siglip_loss
@@ -229,22 +232,18 @@ def numpy_initialised(config, seed: int = 0) -> KoCLIP:
 
 def _tokenizer(name: str):
     """A tokenizer folder (tokenizer.json + tokenizer_config.json) or a hub id."""
-    from koclip.processing import load_tokenizer
-
     return load_tokenizer(name, Path(name))
 
 
 def build_model(cfg: TrainConfig):
     """The model and processor named by the config (see TrainConfig.model)."""
-    from koclip.processing import Processor, image_spec_for
-
     if cfg.model == "tiny":
         from koclip.config import TINY
 
         if not cfg.tokenizer:
             raise KoclipError("model='tiny' needs tokenizer= a folder with tokenizer.json")
         model = numpy_initialised(TINY, cfg.seed)
-        processor = Processor(_tokenizer(cfg.tokenizer), image_spec_for(TINY), max_length=TINY.max_length)
+        processor = Processor.for_config(TINY, _tokenizer(cfg.tokenizer))
     elif cfg.model == "towers":
         from koclip.loading import from_towers, processor_for
 
