@@ -104,9 +104,15 @@ class _Reader:
         return self.ext(n)
 
     def key(self) -> str:
+        at = self.f.tell()
         k = self.value()
         if isinstance(k, bytes):
             k = k.decode("utf-8", errors="replace")
+        # str() of a nested key would repr its strings, doubling their backslashes at each level:
+        # exponential time in the nesting of a few hundred bytes.
+        if isinstance(k, (dict, list)) or not isinstance(k, (str, int, float, bool, type(None))):
+            raise CheckpointError(f"{self.path}: the map key at offset {at} is a {type(k).__name__}; "
+                                  "Flax writes string keys")
         return str(k)
 
     def ext(self, n: int):
@@ -178,7 +184,7 @@ def _unchunk(d: dict, name: str, path: str) -> np.ndarray:
         if not all(type(n) is int and n >= 0 for n in shape) or not all(isinstance(c, np.ndarray) for c in chunks):
             raise ValueError("its shape is not ints or its chunks are not arrays")
         return np.concatenate(chunks).reshape(shape)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, IndexError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: chunked array {name!r} is malformed ({type(e).__name__}: {e}); expected "
                               "integer-keyed maps 'shape' (of ints) and 'chunks' (of arrays) that fit together") from None
 
