@@ -89,7 +89,7 @@ def measure(directory: Path) -> dict:
 import time, json, gc
 import jax, numpy as np
 import koclip
-from koclip.formats.checkpoints import load_dual_encoder
+from koclip.loading import load_dual_encoder
 gc.collect()
 base = int(open('/proc/self/statm').read().split()[1]) * {os.sysconf('SC_PAGE_SIZE')}
 t = time.perf_counter()

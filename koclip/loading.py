@@ -13,6 +13,7 @@ from koclip.config import ModelConfig
 from koclip.errors import CheckpointError
 from koclip.fingerprint import model_digest
 from koclip.formats import checkpoints
+from koclip.formats.convert import assign, param_shapes
 from koclip.model import KoCLIP
 from koclip.mini import build as mini_build
 from koclip.mini.e5 import e5_tokenizer
@@ -55,7 +56,7 @@ def load(name: str = "koclip-mini", *, revision: str | None = None, precision: s
     directory = hub.resolve(source, revision=revision, label=name)
     raw = checkpoints.read_config(directory)
     config = ModelConfig.from_hf(raw, **overrides)
-    model = checkpoints.load_dual_encoder(directory, config)
+    model = load_dual_encoder(directory, config, raw)
     processor = Processor.for_config(config, tokenizer_for(config, directory))
     _finish(model, name, source, str(directory), t0)
     return _with_precision(model, precision), processor
@@ -98,8 +99,24 @@ def from_towers(text: str, vision: str, *, projection_dim: int = 512, seed: int 
     config = ModelConfig(text=tcfg, vision=vcfg, projection_dim=projection_dim,
                          preprocess="vit" if vcfg.kind == "vit" else "clip", tokenizer=text, **config_overrides)
     model = KoCLIP(config, rngs=nnx.Rngs(seed))
-    checkpoints.load_tower_into(model, "text", text_dir)
-    checkpoints.load_tower_into(model, "vision", vision_dir)
+    for tower, cfg, directory in ((model.text_model, tcfg, text_dir), (model.vision_model, vcfg, vision_dir)):
+        tensors, source = checkpoints.tower_tensors(directory, cfg, param_shapes(tower))
+        assign(tower, tensors, source, allow_missing=checkpoints.tower_may_lack)
+    return model
+
+
+def load_dual_encoder(directory, config: ModelConfig | None = None, raw: dict | None = None) -> KoCLIP:
+    """The model in a checkpoint directory holding both towers (hybrid-clip,
+    vision-text-dual-encoder or koclip's own format), built once from its config and filled.
+
+    config: the ModelConfig to build (default: read from config.json); raw: the directory's
+    config.json when the caller has read it already.
+    """
+    raw = raw if raw is not None else checkpoints.read_config(directory)
+    config = config or ModelConfig.from_hf(raw)
+    model = nnx.eval_shape(lambda: KoCLIP(config, rngs=nnx.Rngs(0)))  # shapes only: no memory yet
+    tensors, source = checkpoints.dual_encoder_tensors(directory, raw, config, param_shapes(model))
+    assign(model, tensors, source)
     return model
 
 

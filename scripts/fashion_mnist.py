@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
     from koclip.evaluation.datasets import FASHION_MNIST_KO, open_dataset
     from koclip.evaluation.encode import subset
-    from koclip.formats.checkpoints import load_dual_encoder
+    from koclip.loading import load_dual_encoder
     from koclip.train import parallel
     from koclip.train.config import load_config
     from koclip.train.features import image_features, weights_digest

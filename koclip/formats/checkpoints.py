@@ -1,4 +1,4 @@
-"""Reading every supported checkpoint format into a KoCLIP model, and writing koclip's own.
+"""Reading every supported checkpoint format as a config and named arrays, and writing koclip's own.
 
 Formats, told apart by `config.json`'s `model_type`:
 
@@ -8,6 +8,9 @@ Formats, told apart by `config.json`'s `model_type`:
 3. Single pretrained towers (`roberta`, `bert`, `xlm-roberta`, `clip`,
    `clip_vision_model`, `vit`), combined by `from_towers` with fresh projections.
 4. `koclip`: koclip's own `config.json` + `model.safetensors`, written by `save`.
+
+A reader yields tensors under koclip's parameter names; it builds no model.
+`koclip.loading` builds the model once (abstractly, from the config) and fills it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections import deque
 from collections.abc import Iterator
@@ -23,13 +27,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 from koclip.config import ModelConfig, TextConfig, VisionConfig
 from koclip.errors import CheckpointError
 from koclip.formats import INDEX_FILES, WEIGHT_FILES, flax_msgpack, safetensors_io
-from koclip.formats.convert import assign, flat_params, param_shapes, rename, torch_to_flax_names
-from koclip.model import KoCLIP
+from koclip.formats.convert import flat_params, rename, torch_to_flax_names
+from koclip.formats.torch_zip import read_torch_state_dict
 
 # Tensors that checkpoints carry but the towers do not use.
 _DROP_ALWAYS = [r".*position_ids$", r".*\.num_batches_tracked$"]
@@ -137,8 +140,6 @@ def read_tensors(path) -> tuple[Iterator[tuple[str, np.ndarray]], bool]:
     if path.suffix == ".msgpack":
         return flax_msgpack.flatten(flax_msgpack.read_tree(path), path=str(path)), False
     if path.suffix in (".bin", ".pth", ".pt"):
-        from koclip.formats.torch_zip import read_torch_state_dict
-
         sd = read_torch_state_dict(path)
 
         def drain():
@@ -187,23 +188,20 @@ def _sub_targets(shapes: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
 
 
-def _abstract(config: ModelConfig) -> KoCLIP:
-    return nnx.eval_shape(lambda: KoCLIP(config, rngs=nnx.Rngs(0)))
+def dual_encoder_tensors(directory, raw: dict, config: ModelConfig, targets: dict):
+    """Formats 1, 2 and 4: the weights of a directory holding both towers, as koclip names them.
 
-
-def load_dual_encoder(directory, config: ModelConfig | None = None) -> KoCLIP:
-    """Formats 1, 2 and 4: a directory with config.json and the weights of both towers."""
-    directory = Path(directory)
-    raw = read_config(directory)
-    config = config or ModelConfig.from_hf(raw)
+    raw: the directory's config.json (read_config); config: the ModelConfig read from it;
+    targets: koclip's parameter names -> (shape, dtype) (koclip.formats.convert.param_shapes of
+    the model to fill), which decide how PyTorch-layout tensors map.
+    Returns (iterator of (koclip name, array), the weight file's path as str).  Tensors are read
+    lazily, so each can be freed once it is assigned.
+    """
     weights = find_weights(directory)
     source = str(weights)
-    model = _abstract(config)
-    shapes = param_shapes(model)
     items, torch_layout = read_tensors(weights)
     if raw.get("model_type") == "koclip":
-        assign(model, items, source)
-        return model
+        return items, source
     parts = _split(items, {"text": "text_model.", "vision": "vision_model.",
                            "text_projection": "text_projection.", "visual_projection": "visual_projection."})
     rest = parts.pop("", deque())
@@ -216,9 +214,9 @@ def load_dual_encoder(directory, config: ModelConfig | None = None) -> KoCLIP:
                 # Dual encoders nest CLIP's transformer one level deeper; the rules strip either form.
                 items_ = (("vision_model." + n, x) for n, x in items_)
             renamed = rename(items_, _tower_rules(cfg))
-            yield from _to_targets(renamed, _sub_targets(shapes, prefix), torch_layout, source, prefix)
+            yield from _to_targets(renamed, _sub_targets(targets, prefix), torch_layout, source, prefix)
         for part in ("text_projection", "visual_projection"):
-            yield from _to_targets(_drain(parts.pop(part)), _sub_targets(shapes, part + "."), torch_layout, source,
+            yield from _to_targets(_drain(parts.pop(part)), _sub_targets(targets, part + "."), torch_layout, source,
                                    part + ".")
         for name, x in _drain(rest):
             if name == "logit_scale":
@@ -226,26 +224,22 @@ def load_dual_encoder(directory, config: ModelConfig | None = None) -> KoCLIP:
             elif not any(re.match(p, name) for p in _DROP_ALWAYS):
                 raise CheckpointError(f"{source}: unexpected tensor {name!r}")
 
-    assign(model, stream(), source)
-    return model
+    return stream(), source
 
 
-def load_tower_into(model: KoCLIP, part: str, directory) -> None:
-    """Format 3: loads a pretrained single-tower checkpoint into `model.text_model` or `model.vision_model`.
-
-    `model` must hold real values already (its projections stay as initialised).
-    """
-    directory = Path(directory)
+def tower_tensors(directory, cfg: TextConfig | VisionConfig, targets: dict):
+    """Format 3: a pretrained single-tower checkpoint's weights, named as koclip's tower `cfg` names
+    them.  targets: the tower's parameter names -> (shape, dtype).  Returns (iterator, source)."""
     weights = find_weights(directory)
-    source = str(weights)
-    cfg = model.config.text if part == "text" else model.config.vision
-    tower = model.text_model if part == "text" else model.vision_model
-    shapes = param_shapes(tower)
     items, torch_layout = read_tensors(weights)
     renamed = rename(items, _tower_rules(cfg))
-    mapped = _to_targets(renamed, shapes, torch_layout, source)
-    # ViTForImageClassification checkpoints have no pooler: keep the initialised one.
-    assign(tower, mapped, source, allow_missing=lambda n: n.startswith("pooler."))
+    return _to_targets(renamed, targets, torch_layout, str(weights)), str(weights)
+
+
+def tower_may_lack(name: str) -> bool:
+    """Tower parameters a single-tower checkpoint may lack (ViTForImageClassification has no pooler):
+    they keep their initialised values."""
+    return name.startswith("pooler.")
 
 
 def tower_config(directory) -> TextConfig | VisionConfig:
@@ -266,19 +260,16 @@ def tower_config(directory) -> TextConfig | VisionConfig:
                           "valid: bert, roberta, xlm-roberta, clip, clip_vision_model, vit")
 
 
-def save(model: KoCLIP, directory, tokenizer=None) -> Path:
-    """Writes koclip's own format: config.json + model.safetensors, atomically.
+def save(model, directory, tokenizer=None) -> Path:
+    """Writes koclip's own format: config.json (`model.config.to_hf()`) + model.safetensors (every
+    variable of `model`, by its '.'-joined name), atomically.
 
     With `tokenizer` (a transformers tokenizer, e.g. `processor.tokenizer`), its
     files are saved too, so the directory loads with no hub.  The directory is
     filled under a temporary name and renamed into place, so a crash never
-    leaves a half-written checkpoint.  Returns the directory.
+    leaves a half-written checkpoint.  Returns the directory.  `koclip.save`
+    refuses quantised models before calling this.
     """
-    from koclip.quantize import precision_of
-
-    if precision_of(model) != "fp32":
-        raise CheckpointError(f"refusing to save a {precision_of(model)} model: koclip checkpoints hold "
-                              "fp32 weights; save the model before quantising it (load with precision='fp32')")
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
@@ -303,8 +294,6 @@ def save(model: KoCLIP, directory, tokenizer=None) -> Path:
 
 
 def _rmtree(p: Path) -> None:
-    import shutil
-
     shutil.rmtree(p, ignore_errors=True)
 
 
