@@ -7,18 +7,8 @@ or from a shell: `koclip train --config configs/tiny.py --workdir runs/tiny`
 (`python -m koclip.train` takes the same flags).
 """
 
-import importlib
+from koclip.train.config import TrainConfig, load_config
+from koclip.train.losses import clip_loss, siglip_loss
+from koclip.train.train import DivergedError, train_and_evaluate
 
-_EXPORTS = {
-    "TrainConfig": "koclip.train.config", "load_config": "koclip.train.config",
-    "clip_loss": "koclip.train.losses", "siglip_loss": "koclip.train.losses",
-    "train_and_evaluate": "koclip.train.train", "DivergedError": "koclip.train.train",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    # Lazy: `koclip --help` imports koclip.train.cli and should not pay for jax and optax.
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'koclip.train' has no attribute {name!r}")
+__all__ = ["TrainConfig", "load_config", "clip_loss", "siglip_loss", "train_and_evaluate", "DivergedError"]

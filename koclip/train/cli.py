@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
+
+from koclip.train.config import load_config
+from koclip.train.train import PeerLostError, train_and_evaluate
 
 
 def add_arguments(p) -> None:
@@ -17,11 +21,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import logging
-
-    from koclip.train.config import load_config
-    from koclip.train.train import PeerLostError, train_and_evaluate
-
     logging.getLogger("absl").setLevel(logging.WARNING)
     cfg = load_config(args.config, args.overrides)
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)

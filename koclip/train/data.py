@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from koclip.errors import KoclipError
+from koclip.images import preprocess
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,6 @@ class Batches:
         return out
 
     def _decode(self, i: int):
-        from koclip.images import preprocess
-
         try:
             return preprocess(self.dataset.image(i), self.image_spec)[0], True
         except (KoclipError, OSError, ValueError) as e:

@@ -25,16 +25,22 @@ import numpy as np
 import optax
 from flax import nnx
 
+from koclip.config import TINY
 from koclip.errors import KoclipError
+from koclip.evaluation.datasets import open_dataset
 from koclip.evaluation.metrics import retrieval_metrics
+from koclip.formats import checkpoints as koclip_checkpoints
+from koclip.loading import from_towers, load, processor_for
 from koclip.model import KoCLIP
 from koclip.processing import Processor
 from koclip.tokenizer import load_tokenizer
 from koclip.towers.layers import l2_normalize
-from koclip.train import parallel
+from koclip.train import features, parallel, synthetic
 from koclip.train.config import TrainConfig
+from koclip.train.data import Batches, fixed_length_tokenizer, split_holdout
 from koclip.train.losses import blockwise, clip_loss, siglip_loss
 from koclip.train.optim import learning_rate_schedule, make_optimizer, path_of, trainable_filter
+from koclip.train.writers import MetricWriter
 
 log = logging.getLogger(__name__)
 
@@ -238,20 +244,14 @@ def _tokenizer(name: str):
 def build_model(cfg: TrainConfig):
     """The model and processor named by the config (see TrainConfig.model)."""
     if cfg.model == "tiny":
-        from koclip.config import TINY
-
         if not cfg.tokenizer:
             raise KoclipError("model='tiny' needs tokenizer= a folder with tokenizer.json")
         model = numpy_initialised(TINY, cfg.seed)
         processor = Processor.for_config(TINY, _tokenizer(cfg.tokenizer))
     elif cfg.model == "towers":
-        from koclip.loading import from_towers, processor_for
-
         model = from_towers(cfg.text_tower, cfg.vision_tower, projection_dim=cfg.projection_dim, seed=cfg.seed)
         processor = processor_for(model)
     else:
-        from koclip.loading import load
-
         model, processor = load(cfg.model)
         if cfg.tokenizer:
             processor.tokenizer = _tokenizer(cfg.tokenizer)
@@ -275,9 +275,6 @@ def reinit_heads(model: KoCLIP, seed: int = 0) -> None:
 
 def load_datasets(cfg: TrainConfig):
     """(train, validation or None) datasets; see TrainConfig's data fields."""
-    from koclip.evaluation.datasets import open_dataset
-    from koclip.train.data import split_holdout
-
     if not cfg.train_data:
         raise KoclipError("train_data is empty; give a caption file, an IDX folder, class folders or "
                           "'fashion-mnist' (or synthetic_examples > 0 for generated data)")
@@ -297,9 +294,6 @@ def load_datasets(cfg: TrainConfig):
 
 def make_batches(cfg, model, processor, dataset, batch_size, *, train, mesh, cache_dir, progress):
     """A `Batches` for `dataset`, with cached tower features in LiT mode."""
-    from koclip.train import features
-    from koclip.train.data import Batches, fixed_length_tokenizer
-
     length = cfg.max_length or model.config.max_length
     tokenize = fixed_length_tokenizer(processor.tokenizer, length, processor.text_prefix)
     kw: dict = {}
@@ -329,8 +323,6 @@ def _eval_batch(cfg, mesh) -> int:
 def _resolve_synthetic(cfg: TrainConfig, workdir: Path) -> TrainConfig:
     if not cfg.synthetic_examples or cfg.train_data:
         return cfg
-    from koclip.train import synthetic
-
     paths = synthetic.make(workdir / "data", cfg.synthetic_examples, seed=cfg.seed)
     return cfg.replace(train_data=str(paths["train"]), val_data=str(paths["val"]),
                        tokenizer=cfg.tokenizer or str(paths["tokenizer"]))
@@ -392,9 +384,8 @@ def train_and_evaluate(cfg: TrainConfig, workdir, *, model: KoCLIP | None = None
 def _train_and_evaluate(cfg: TrainConfig, workdir: Path, model, processor, at: _Progress) -> dict:
     from tqdm import tqdm
 
-    from koclip.formats import checkpoints as koclip_checkpoints
+    # orbax and tensorstore take a second or more to import; only a run needs them.
     from koclip.train.checkpointing import Checkpointer
-    from koclip.train.writers import MetricWriter
 
     t_start = time.perf_counter()
     workdir = Path(workdir).resolve()
