@@ -222,6 +222,7 @@ def test_msgpack_bin_claiming_1_6_gib_is_refused_before_reading():
     ("no-data-offsets.safetensors", "KeyError", r"tensor 'b' has data_offsets None, expected \[begin, end\]"),
     ("one-data-offset.safetensors", "ValueError", r"tensor 'c' has data_offsets \[15231\], expected \[begin, end\]"),
     ("no-shape.safetensors", "KeyError", r"tensor 'a\.weight' has shape None, expected a list"),
+    ("dtype-a-list.safetensors", "TypeError", r"tensor 'b' has unsupported dtype \[.*\]; valid: F64, F32"),
     # Found by review, not by the fuzzer:
     ("header-a-list.safetensors", "TypeError", r"the safetensors header is a JSON list, expected an object"),
     ("shape-product-wraps.safetensors", "ValueError",  # np.prod of 2**32 x 2**32 wrapped to 0 bytes

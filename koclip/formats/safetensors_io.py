@@ -56,7 +56,7 @@ def read_header(path) -> tuple[dict, int]:
         if not isinstance(info, dict):
             raise CheckpointError(f"{path}: tensor {name!r} is described by {info!r}, "
                                   "expected {dtype, shape, data_offsets}")
-        if info.get("dtype") not in _DTYPES:
+        if not isinstance(info.get("dtype"), str) or info["dtype"] not in _DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}; "
                                   f"valid: {', '.join(_DTYPES)}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
