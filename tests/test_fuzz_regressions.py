@@ -9,7 +9,6 @@ way the fuzzer runs them.
 import contextlib
 import dataclasses
 import re
-import resource
 import shutil
 import socket
 import sys
@@ -22,7 +21,6 @@ import pytest
 from PIL import Image
 
 from koclip import images
-
 from koclip.config import ModelConfig
 from koclip.errors import CheckpointError, FetchError, IndexFileError
 from koclip.fetch import fetch_url
@@ -41,6 +39,8 @@ def address_space_cap(extra_mib=512):
     where without a cap a large untouched allocation would quietly succeed."""
     if not sys.platform.startswith("linux"):
         pytest.skip("address-space caps are checked on Linux")
+    import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     with open("/proc/self/status") as f:
         used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
