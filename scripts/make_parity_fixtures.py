@@ -6,10 +6,10 @@ from the project's:
 
     python3.11 -m venv /work/refenv
     /work/refenv/bin/pip install transformers==4.57.6 torch==2.13.0 jax==0.10.2 jaxlib==0.10.2 \
-        flax==0.12.8 numpy safetensors pytest
+        flax==0.12.8 numpy safetensors
     /work/refenv/bin/python scripts/make_parity_fixtures.py
 
-(pytest only because the tiny tokenizer is built by tests/conftest.py.)  Every weight is the
+(The tiny tokenizer is built by tests/tiny_tokenizer.py, as the tests build it.)  Every weight is the
 reference's initialisation plus seeded noise, so LayerNorm scales are not all ones and biases not all
 zeros: a tensor loaded into the wrong place changes the outputs.  Writes, under tests/fixtures/parity/:
 
@@ -62,7 +62,8 @@ PROJECTION_DIM = 16
 
 
 def _conftest():
-    spec = importlib.util.spec_from_file_location("parity_conftest", ROOT / "tests" / "conftest.py")
+    """tests/tiny_tokenizer.py, the tokenizer the tests build too."""
+    spec = importlib.util.spec_from_file_location("tiny_tokenizer", ROOT / "tests" / "tiny_tokenizer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -15,7 +15,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 import koclip
-from conftest import write_tiny_tokenizer
+from tiny_tokenizer import write_tiny_tokenizer
 from koclip import app_support
 from koclip.config import TINY
 from koclip.data import gallery, gallery_dir
@@ -69,7 +69,7 @@ def mini_engine():
     try:
         return _common._engine("koclip-mini")  # the app's shared cache: the AppTests reuse it
     except Exception as e:  # noqa: BLE001 - any failure means the model is not available here
-        pytest.skip(f"koclip-mini does not load yet ({type(e).__name__}: {e}); koclip/mini/build.py pending")
+        pytest.skip(f"koclip-mini does not load here ({type(e).__name__}: {e})")
 
 
 @pytest.fixture(scope="module")

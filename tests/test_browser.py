@@ -60,7 +60,7 @@ def server(tmp_path_factory):
         import koclip
         from flax import nnx
 
-        from conftest import write_tiny_tokenizer
+        from tiny_tokenizer import write_tiny_tokenizer
         from koclip.config import TINY
 
         model = str(tmp / "tiny")

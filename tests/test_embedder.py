@@ -16,7 +16,7 @@ from numerics import U16, reduction_rtol, unit_norm_atol
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from conftest import write_tiny_tokenizer
+    from tiny_tokenizer import write_tiny_tokenizer
 
     d = tmp_path_factory.mktemp("tiny") / "model"
     koclip.save(koclip.KoCLIP(TINY, rngs=nnx.Rngs(0)), d)
@@ -43,7 +43,7 @@ def test_fingerprint_changes_with_preprocessing(tiny_dir):
 
 
 def test_fingerprint_changes_with_the_weights_but_not_with_the_precision(tiny_dir, tmp_path):
-    from conftest import write_tiny_tokenizer
+    from tiny_tokenizer import write_tiny_tokenizer
 
     model, processor = koclip.load(str(tiny_dir))
     a = fingerprint(model, processor)

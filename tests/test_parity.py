@@ -9,15 +9,17 @@ transposed them for PyTorch.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PARITY
 from flax import nnx
 
 import koclip
 from koclip.formats.convert import flat_params
 from koclip.loading import processor_for
+
+PARITY = Path(__file__).resolve().parent / "fixtures" / "parity"
 
 TOL = 1e-4
 DUAL = ["hybrid_clip_clip", "hybrid_clip_vit", "dual_clip_safetensors", "dual_vit_safetensors", "dual_clip_bin"]
@@ -177,6 +179,6 @@ def test_koclip_format_round_trips_a_bert_model_made_from_towers(tmp_path):
 
 def write_tokenizer(directory):
     # koclip.save writes weights and config only; the processor needs a tokenizer.
-    from conftest import write_tiny_tokenizer
+    from tiny_tokenizer import write_tiny_tokenizer
 
     write_tiny_tokenizer(directory)

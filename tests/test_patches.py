@@ -6,7 +6,7 @@ from flax import nnx
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
-from conftest import write_tiny_tokenizer
+from tiny_tokenizer import write_tiny_tokenizer
 from koclip.config import TINY
 from koclip.data import gallery_dir
 from koclip.images import split_grid
@@ -124,7 +124,7 @@ def mini():
     try:
         return _common._engine("koclip-mini")  # the app's shared cache: one load per test process
     except Exception as e:  # noqa: BLE001 - any failure means the model is not available here
-        pytest.skip(f"koclip-mini does not load yet ({type(e).__name__}: {e}); koclip/mini/build.py pending")
+        pytest.skip(f"koclip-mini does not load here ({type(e).__name__}: {e})")
 
 
 def test_mini_finds_the_cat_in_the_half_of_the_picture_that_shows_it(mini):

@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from conftest import write_tiny_tokenizer
+from tiny_tokenizer import write_tiny_tokenizer
 from koclip.errors import CheckpointError
 from koclip.tokenizer import load_tokenizer
 from koclip.tokenizer import SPECIAL_TOKENS, FastTokenizer
