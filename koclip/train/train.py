@@ -9,6 +9,7 @@ checkpoints and logs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -337,12 +338,17 @@ def _check_compatible(meta: dict, expect: dict, directory) -> None:
 
 
 @dataclasses.dataclass
-class _Progress:
-    """How far a run got, for the message when a peer process is lost."""
+class Progress:
+    """How far a run got: `train_loop` and `restore_latest` update it; the summary and the
+    message when a peer process is lost read it."""
 
+    directory: Path | None = None    # where the checkpoints go
     step: int | None = None          # the last step whose loss was read
-    saved: int | None = None         # the last checkpoint's step
-    directory: Path | None = None
+    loss: float = math.nan           # that step's loss
+    saved: int | None = None         # the last checkpoint's step: the last good one
+    val_metrics: dict = dataclasses.field(default_factory=dict)  # of the last evaluation
+    train_seconds: float = 0.0       # in train steps after the first (which compiles), pauses excluded
+    timed_steps: int = 0             # the steps that train_seconds covers
 
     def lost_peer_message(self, error: BaseException) -> str:
         detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
@@ -351,6 +357,187 @@ class _Progress:
                   f"{self.directory} on process 0's host)" if self.saved is not None
                   else "no checkpoint was saved yet: restarting all processes starts from step 0")
         return f"{parallel.peer_description()} stopped responding ({detail}); the run stopped {where}; {resume}"
+
+
+@contextlib.contextmanager
+def raising_peer_lost(at: Progress):
+    """Turns the runtime error of a collective whose peer process is gone into a PeerLostError
+    that says, from `at`, where the run stopped and where it can resume."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if not parallel.lost_peer(e):
+            raise
+        raise PeerLostError(at.lost_peer_message(e)) from e
+
+
+def prepare_workdir(cfg: TrainConfig, workdir) -> tuple[TrainConfig, Path]:
+    """Makes WORKDIR, generates the synthetic data `cfg` asks for and writes WORKDIR/config.json
+    (process 0).  Returns (the config with that data's paths, WORKDIR resolved)."""
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = _resolve_synthetic(cfg, workdir)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
+    return cfg, workdir
+
+
+def count_read_skips(train_ds, val_ds) -> int:
+    """The rows that reading the datasets skipped as unusable (logged when there are any)."""
+    skips = sum(train_ds.skipped.values()) + (sum(val_ds.skipped.values()) if val_ds is not None else 0)
+    if skips:
+        log.warning("skipped %d unusable rows while reading (train %s, val %s)", skips,
+                    dict(train_ds.skipped), dict(val_ds.skipped) if val_ds is not None else {})
+    return skips
+
+
+def make_run_batches(cfg, model, processor, train_ds, val_ds, *, mesh, workdir: Path, progress: bool):
+    """(training `Batches` of the global batch size, validation `Batches` or None when there is no
+    validation data), their tower features cached under cfg.feature_cache or WORKDIR/features."""
+    global_batch = cfg.batch_size_per_device * mesh.shape[parallel.AXIS]
+    cache_dir = Path(cfg.feature_cache) if cfg.feature_cache else workdir / "features"
+    kw = dict(mesh=mesh, cache_dir=cache_dir, progress=progress)
+    train = make_batches(cfg, model, processor, train_ds, global_batch, train=True, **kw)
+    val = (make_batches(cfg, model, processor, val_ds, _eval_batch(cfg, mesh), train=False, **kw)
+           if val_ds is not None and len(val_ds) else None)
+    return train, val
+
+
+def count_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The run's (micro-)steps: num_epochs epochs, at most max_steps when that is set."""
+    total = cfg.num_epochs * steps_per_epoch
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def compile_steps(graphdef, tx, opts: StepOptions, shardings, mesh):
+    """(train_fn, eval_fn): `train_step` and `eval_step` jitted for a state laid out as `shardings`.
+    train_fn donates its input state."""
+    train_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, opts=opts),
+                       out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, opts=opts))
+    return train_fn, eval_fn
+
+
+def restore_latest(ckpt, state: TrainState, expect: dict, at: Progress, steps_per_epoch: int):
+    """Returns (state, its step): the newest checkpoint's (process 0's, on every process), else
+    `state` at step 0.  Raises KoclipError if the checkpoint's metadata differs from `expect`."""
+    if ckpt.latest_step() is None:
+        return state, 0
+    tree, meta = ckpt.restore(state.checkpoint_tree())
+    _check_compatible(meta, expect, ckpt.directory)
+    start = at.saved = at.step = int(tree["step"])
+    log.info("resumed from step %d (epoch %d) in %s", start, start // steps_per_epoch, ckpt.directory)
+    return state.replace(**tree), start
+
+
+def check_loss(pending, at: Progress, *, steps_per_epoch: int, learning_rate: float) -> None:
+    """Reads the loss of `pending` = (step, metrics) into `at`, which waits for that step to finish.
+    Raises DivergedError if it is NaN or infinite.  `pending` None: nothing to read."""
+    if pending is None:
+        return
+    s, m = pending
+    loss = float(m["loss"])
+    if not math.isfinite(loss):
+        where = (f"step {at.saved} in {at.directory}" if at.saved is not None
+                 else "none (no checkpoint was saved yet)")
+        raise DivergedError(f"loss became {loss} at step {s} (epoch {(s - 1) // steps_per_epoch}); training "
+                            f"stopped. Last good checkpoint: {where}. Lower learning_rate (now {learning_rate:g}) "
+                            "or raise warmup_steps, then run again to resume.")
+    at.loss, at.step = loss, s
+
+
+def save_checkpoint(ckpt, state: TrainState, step: int, meta: dict, at: Progress) -> None:
+    """Saves `state` as checkpoint `step` with `meta` and records it in `at`; refuses with a
+    DivergedError when a parameter is NaN or infinite."""
+    if not bool(_all_finite(state.params)):
+        raise DivergedError(f"parameters hold NaN or inf after step {step}; training stopped without saving. "
+                            f"Last good checkpoint: step {at.saved} in {ckpt.directory}.")
+    ckpt.save(step, state.checkpoint_tree(), meta)
+    at.saved = step
+
+
+def evaluate_and_log(eval_fn, state: TrainState, val_batches, mesh, writer, step: int,
+                     steps_per_epoch: int) -> dict[str, float]:
+    """`evaluate`, with its metrics written as `step`'s and logged."""
+    t = time.perf_counter()
+    metrics = evaluate(eval_fn, state, val_batches, mesh)
+    writer.write(step, {**metrics, "epoch": step / steps_per_epoch})
+    log.info("step %d: %s (%.1f s)", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+             time.perf_counter() - t)
+    return metrics
+
+
+def train_loop(state: TrainState, start: int, total: int, *, cfg: TrainConfig, train_fn, eval_fn,
+               train_batches, val_batches, mesh, ckpt, writer, bar, schedule, expect: dict,
+               at: Progress) -> tuple[TrainState, int]:
+    """Runs steps start + 1 .. total; logs, checkpoints and evaluates every so many steps (as `cfg`
+    says) and after the last.  Returns (state, the step reached); `at` holds the last loss,
+    checkpoint and evaluation, and the time spent training."""
+    spe = train_batches.steps_per_epoch
+    check = functools.partial(check_loss, at=at, steps_per_epoch=spe, learning_rate=cfg.learning_rate)
+    step, pending, timed_from = start, None, start
+    while step < total:
+        epoch, pos = divmod(step, spe)
+        t_mark = time.perf_counter()
+        for batch in train_batches(epoch, pos):
+            state, metrics = train_fn(state, parallel.global_batch(batch, mesh))
+            step += 1
+            # Reading a loss waits for its step; checking one step behind keeps the device busy.
+            check(pending)
+            pending = (step, metrics)
+            bar.update(1)
+            if step == start + 1:  # the first step compiles: time from the end of it
+                check(pending)
+                pending, t_mark = None, time.perf_counter()
+                timed_from = step
+            last, epoch_end = step == total, step % spe == 0
+            log_now = last or step % cfg.log_every_steps == 0
+            save_now = last or step % cfg.checkpoint_every_steps == 0
+            eval_now = last or (step % cfg.eval_every_steps == 0 if cfg.eval_every_steps else epoch_end)
+            if not (log_now or save_now or eval_now or epoch_end):
+                continue
+            check(pending)
+            pending = None
+            if step > timed_from:  # time spent training since the last pause, excluding the pauses
+                at.train_seconds += time.perf_counter() - t_mark
+                at.timed_steps += step - timed_from
+            if log_now:
+                lr = float(schedule(max(0, step - 1) // cfg.grad_accum_steps))
+                m = {k: float(v) for k, v in metrics.items()}
+                writer.write(step, {**m, "lr": lr, "epoch": step / spe, "bad_images": len(train_batches.bad_images)})
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
+            if save_now:
+                save_checkpoint(ckpt, state, step, {**expect, "step": step, "epoch": step // spe,
+                                                    "bad_images": len(train_batches.bad_images)}, at)
+            if eval_now and val_batches is not None:
+                at.val_metrics = evaluate_and_log(eval_fn, state, val_batches, mesh, writer, step, spe)
+            if epoch_end and train_batches.bad_images:
+                log.warning("epoch %d: %d undecodable images skipped so far", epoch, len(train_batches.bad_images))
+            t_mark, timed_from = time.perf_counter(), step
+            if step >= total:
+                break
+    check(pending)
+    return state, step
+
+
+def export_model(graphdef, state: TrainState, processor, export_dir: Path) -> None:
+    """Writes the trained model in koclip's format to `export_dir`, with the processor's tokenizer
+    where it can be saved."""
+    model = nnx.merge(graphdef, to_host(state.params["model"]), to_host(state.frozen))
+    koclip_checkpoints.save(model, export_dir)
+    try:
+        processor.tokenizer.save_pretrained(str(export_dir))
+    except (AttributeError, NotImplementedError, OSError, TypeError, ValueError) as e:
+        log.warning("the tokenizer was not saved with the model (%s); loading will use %r", e,
+                    model.config.tokenizer)
+
+
+def count_bad_rows(cfg: TrainConfig, read_skips: int, train_batches, val_batches) -> int:
+    """Rows skipped in reading, undecodable images, and (LiT) images whose features failed."""
+    bad = read_skips + len(train_batches.bad_images) + (len(val_batches.bad_images) if val_batches else 0)
+    if cfg.features in ("image", "both"):
+        bad += int((~train_batches.image_ok).sum())
+    return bad
 
 
 def train_and_evaluate(cfg: TrainConfig, workdir, *, model: KoCLIP | None = None, processor=None) -> dict:
@@ -371,190 +558,74 @@ def train_and_evaluate(cfg: TrainConfig, workdir, *, model: KoCLIP | None = None
     every process, which a dead one never reaches, until its heartbeat timeout
     (100 s) aborts the process.
     """
-    parallel.maybe_initialize_distributed()
-    at = _Progress()
-    try:
-        return _train_and_evaluate(cfg, Path(workdir), model, processor, at)
-    except jax.errors.JaxRuntimeError as e:
-        if not parallel.lost_peer(e):
-            raise
-        raise PeerLostError(at.lost_peer_message(e)) from e
-
-
-def _train_and_evaluate(cfg: TrainConfig, workdir: Path, model, processor, at: _Progress) -> dict:
     from tqdm import tqdm
 
     # orbax and tensorstore take a second or more to import; only a run needs them.
     from koclip.train.checkpointing import Checkpointer
 
-    t_start = time.perf_counter()
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = _resolve_synthetic(cfg, workdir)
-    lead = jax.process_index() == 0
-    if lead:
-        (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
-    mesh = parallel.make_mesh()
-    n_dev = mesh.shape[parallel.AXIS]
-    global_batch = cfg.batch_size_per_device * n_dev
-    progress = cfg.progress and lead
-    log.info("%d device(s) (%s), %d process(es), global batch %d", n_dev, jax.devices()[0].platform,
-             jax.process_count(), global_batch)
+    parallel.maybe_initialize_distributed()
+    at = Progress()
+    with raising_peer_lost(at):
+        t_start = time.perf_counter()
+        cfg, workdir = prepare_workdir(cfg, workdir)
+        lead = jax.process_index() == 0
+        mesh = parallel.make_mesh()
+        n_dev = mesh.shape[parallel.AXIS]
+        global_batch = cfg.batch_size_per_device * n_dev
+        log.info("%d device(s) (%s), %d process(es), global batch %d", n_dev, jax.devices()[0].platform,
+                 jax.process_count(), global_batch)
+        if model is None:
+            model, processor = build_model(cfg)
+        elif processor is None:
+            raise KoclipError("train_and_evaluate(model=...) needs its processor too")
+        train_ds, val_ds = load_datasets(cfg)
+        read_skips = count_read_skips(train_ds, val_ds)
+        train_batches, val_batches = make_run_batches(cfg, model, processor, train_ds, val_ds, mesh=mesh,
+                                                      workdir=workdir, progress=cfg.progress and lead)
+        spe = train_batches.steps_per_epoch
+        total = count_steps(cfg, spe)
+        updates = max(1, total // cfg.grad_accum_steps)
+        tx, schedule = make_optimizer(cfg, updates), learning_rate_schedule(cfg, updates)
+        graphdef, state = create_train_state(model, cfg, tx)
+        del model
+        shardings = parallel.state_shardings(state, mesh, cfg.shard_params_min_size)
+        state = jax.device_put(state, shardings)
+        train_fn, eval_fn = compile_steps(graphdef, tx, StepOptions.from_config(cfg, n_dev), shardings, mesh)
+        log.info("%d examples, %d steps per epoch, %d steps; %.2fM trainable, %.2fM frozen parameters",
+                 len(train_ds), spe, total, _size(state.params) / 1e6, _size(state.frozen) / 1e6)
 
-    if model is None:
-        model, processor = build_model(cfg)
-    elif processor is None:
-        raise KoclipError("train_and_evaluate(model=...) needs its processor too")
-    train_ds, val_ds = load_datasets(cfg)
-    read_skips = sum(train_ds.skipped.values()) + (sum(val_ds.skipped.values()) if val_ds is not None else 0)
-    if read_skips:
-        log.warning("skipped %d unusable rows while reading (train %s, val %s)", read_skips,
-                    dict(train_ds.skipped), dict(val_ds.skipped) if val_ds is not None else {})
-    cache_dir = Path(cfg.feature_cache) if cfg.feature_cache else workdir / "features"
-    batch_kw = dict(mesh=mesh, cache_dir=cache_dir, progress=progress)
-    train_batches = make_batches(cfg, model, processor, train_ds, global_batch, train=True, **batch_kw)
-    val_batches = (make_batches(cfg, model, processor, val_ds, _eval_batch(cfg, mesh), train=False, **batch_kw)
-                   if val_ds is not None and len(val_ds) else None)
-
-    spe = train_batches.steps_per_epoch
-    total = cfg.num_epochs * spe
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    updates = max(1, total // cfg.grad_accum_steps)
-    tx = make_optimizer(cfg, updates)
-    schedule = learning_rate_schedule(cfg, updates)
-    graphdef, state = create_train_state(model, cfg, tx)
-    del model
-    shardings = parallel.state_shardings(state, mesh, cfg.shard_params_min_size)
-    state = jax.device_put(state, shardings)
-    opts = StepOptions.from_config(cfg, n_dev)
-    p_train = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, opts=opts),
-                      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
-    p_eval = jax.jit(functools.partial(eval_step, graphdef=graphdef, opts=opts))
-    n_train = sum(x.size for x in jax.tree.leaves(state.params))
-    n_frozen = sum(x.size for x in jax.tree.leaves(state.frozen))
-    log.info("%d examples, %d steps per epoch, %d steps; %.2fM trainable, %.2fM frozen parameters",
-             len(train_ds), spe, total, n_train / 1e6, n_frozen / 1e6)
-
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
-    at.directory = ckpt.directory
-    expect = {"seed": cfg.seed, "global_batch": global_batch, "steps_per_epoch": spe,
-              "train_data": cfg.train_data, "features": cfg.features}
-    start, last_good = 0, None
-    if ckpt.latest_step() is not None:
-        tree, meta = ckpt.restore(state.checkpoint_tree())
-        _check_compatible(meta, expect, ckpt.directory)
-        state = state.replace(**tree)
-        start = last_good = at.saved = at.step = int(tree["step"])
-        log.info("resumed from step %d (epoch %d) in %s", start, start // spe, ckpt.directory)
-    writer = MetricWriter(workdir, enabled=lead)
-    bar = tqdm(total=total, initial=start, desc="train", disable=not progress, unit="step")
-    step, pending, timed_from = start, None, start
-    last_loss = float("nan")
-    train_seconds, timed_steps = 0.0, 0
-    val_metrics: dict = {}
-
-    def check(item):
-        # Reading a loss waits for its step; checking one step behind keeps the device busy.
-        nonlocal last_loss
-        if item is None:
-            return
-        s, m = item
-        loss = float(m["loss"])
-        if not math.isfinite(loss):
-            where = (f"step {last_good} in {ckpt.directory}" if last_good is not None
-                     else "none (no checkpoint was saved yet)")
-            raise DivergedError(f"loss became {loss} at step {s} (epoch {(s - 1) // spe}); training stopped. "
-                                f"Last good checkpoint: {where}. Lower learning_rate (now {cfg.learning_rate:g}) "
-                                "or raise warmup_steps, then run again to resume.")
-        last_loss, at.step = loss, s
-
-    def save(s):
-        nonlocal last_good
-        if not bool(_all_finite(state.params)):
-            raise DivergedError(f"parameters hold NaN or inf after step {s}; training stopped without saving. "
-                                f"Last good checkpoint: step {last_good} in {ckpt.directory}.")
-        ckpt.save(s, state.checkpoint_tree(), {**expect, "step": s, "epoch": s // spe,
-                                               "bad_images": len(train_batches.bad_images)})
-        last_good = at.saved = s
-
-    def run_eval(s):
-        nonlocal val_metrics
-        if val_batches is None:
-            return
-        t = time.perf_counter()
-        val_metrics = evaluate(p_eval, state, val_batches, mesh)
-        writer.write(s, {**val_metrics, "epoch": s / spe})
-        log.info("step %d: %s (%.1f s)", s, " ".join(f"{k}={v:.4f}" for k, v in val_metrics.items()),
-                 time.perf_counter() - t)
-
-    try:
-        while step < total:
-            epoch, pos = divmod(step, spe)
-            t_mark = time.perf_counter()
-            for batch in train_batches(epoch, pos):
-                state, metrics = p_train(state, parallel.global_batch(batch, mesh))
-                step += 1
-                check(pending)
-                pending = (step, metrics)
-                bar.update(1)
-                if step == start + 1:  # the first step compiles: time from the end of it
-                    check(pending)
-                    pending, t_mark = None, time.perf_counter()
-                    timed_from = step
-                last, epoch_end = step == total, step % spe == 0
-                log_now = last or step % cfg.log_every_steps == 0
-                save_now = last or step % cfg.checkpoint_every_steps == 0
-                eval_now = last or (step % cfg.eval_every_steps == 0 if cfg.eval_every_steps else epoch_end)
-                if not (log_now or save_now or eval_now or epoch_end):
-                    continue
-                check(pending)
-                pending = None
-                if step > timed_from:  # time spent training since the last pause, excluding the pauses
-                    train_seconds += time.perf_counter() - t_mark
-                    timed_steps += step - timed_from
-                if log_now:
-                    lr = float(schedule(max(0, step - 1) // cfg.grad_accum_steps))
-                    m = {k: float(v) for k, v in metrics.items()}
-                    writer.write(step, {**m, "lr": lr, "epoch": step / spe,
-                                        "bad_images": len(train_batches.bad_images)})
-                    bar.set_postfix(loss=f"{m['loss']:.4f}")
-                if save_now:
-                    save(step)
-                if eval_now:
-                    run_eval(step)
-                if epoch_end and train_batches.bad_images:
-                    log.warning("epoch %d: %d undecodable images skipped so far", epoch,
-                                len(train_batches.bad_images))
-                t_mark, timed_from = time.perf_counter(), step
-                if step >= total:
-                    break
-        check(pending)
-    finally:
-        bar.close()
-        ckpt.close()
-        writer.close()
-
-    export_dir = Path(cfg.export_dir) if cfg.export_dir else workdir / "model"
-    if lead:
-        model = nnx.merge(graphdef, to_host(state.params["model"]), to_host(state.frozen))
-        koclip_checkpoints.save(model, export_dir)
+        ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+        at.directory = ckpt.directory
+        expect = {"seed": cfg.seed, "global_batch": global_batch, "steps_per_epoch": spe,
+                  "train_data": cfg.train_data, "features": cfg.features}
+        state, start = restore_latest(ckpt, state, expect, at, spe)
+        writer = MetricWriter(workdir, enabled=lead)
+        bar = tqdm(total=total, initial=start, desc="train", disable=not (cfg.progress and lead), unit="step")
         try:
-            processor.tokenizer.save_pretrained(str(export_dir))
-        except (AttributeError, NotImplementedError, OSError, TypeError, ValueError) as e:
-            log.warning("the tokenizer was not saved with the model (%s); loading will use %r", e,
-                        model.config.tokenizer)
-    bad = read_skips + len(train_batches.bad_images) + (len(val_batches.bad_images) if val_batches else 0)
-    if cfg.features in ("image", "both"):
-        bad += int((~train_batches.image_ok).sum())
-    summary = {
-        "steps": step, "resumed_from": start, "epochs": step / spe,
-        "final_loss": last_loss if math.isfinite(last_loss) else None,  # None: no step ran in this call
-        "samples_per_s": timed_steps * global_batch / train_seconds if train_seconds else None,
-        "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t_start,
-        "global_batch": global_batch, "devices": n_dev, "bad_rows": bad,
-        "export_dir": str(export_dir), **val_metrics,
-    }
-    if lead:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+            state, step = train_loop(state, start, total, cfg=cfg, train_fn=train_fn, eval_fn=eval_fn,
+                                     train_batches=train_batches, val_batches=val_batches, mesh=mesh, ckpt=ckpt,
+                                     writer=writer, bar=bar, schedule=schedule, expect=expect, at=at)
+        finally:
+            bar.close()
+            ckpt.close()
+            writer.close()
+
+        export_dir = Path(cfg.export_dir) if cfg.export_dir else workdir / "model"
+        if lead:
+            export_model(graphdef, state, processor, export_dir)
+        summary = {
+            "steps": step, "resumed_from": start, "epochs": step / spe,
+            "final_loss": at.loss if math.isfinite(at.loss) else None,  # None: no step ran in this call
+            "samples_per_s": at.timed_steps * global_batch / at.train_seconds if at.train_seconds else None,
+            "train_seconds": at.train_seconds, "wall_seconds": time.perf_counter() - t_start,
+            "global_batch": global_batch, "devices": n_dev,
+            "bad_rows": count_bad_rows(cfg, read_skips, train_batches, val_batches),
+            "export_dir": str(export_dir), **at.val_metrics,
+        }
+        if lead:
+            (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def _size(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))
