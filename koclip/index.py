@@ -56,8 +56,6 @@ import threading
 import time
 import unicodedata
 import zlib
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Protocol, Sequence, runtime_checkable
 
@@ -65,6 +63,7 @@ import numpy as np
 
 from koclip.errors import ImageError, IndexFileError, KoclipError
 from koclip.files import atomic_write, atomic_write_bytes, replacing
+from koclip.prefetch import prefetched
 
 try:  # advisory locks keep two writers off one index; POSIX only
     import fcntl
@@ -547,18 +546,11 @@ def _embed_files(embedder, files: list[tuple[str, Path]], journal: _Journal, *, 
         records, vectors, failed, dups = _Records(), [], [], []
         last_commit = time.monotonic()
 
-    pool = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="koclip-index-load")
+    # Enough batches in flight that every worker is busy while the model runs.
+    loaded = prefetched(lambda b: _load_batch(embedder, b, known), batches, workers=num_workers,
+                        ahead=2 * max(1, num_workers), name="koclip-index-load")
     try:
-        pending = deque()
-        upcoming = iter(batches)
-        # Enough batches in flight that every worker is busy while the model runs.
-        for b in (b for _, b in zip(range(2 * max(1, num_workers)), upcoming)):
-            pending.append(pool.submit(_load_batch, embedder, b, known))
-        while pending:
-            batch = pending.popleft().result()
-            nxt = next(upcoming, None)
-            if nxt is not None:
-                pending.append(pool.submit(_load_batch, embedder, nxt, known))
+        for batch in loaded:
             n = len(batch.records)
             if n:
                 t = time.monotonic()
@@ -578,7 +570,7 @@ def _embed_files(embedder, files: list[tuple[str, Path]], journal: _Journal, *, 
             if len(records) + len(failed) + len(dups) >= checkpoint_every or time.monotonic() - last_commit > 30:
                 commit()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        loaded.close()
         commit()  # what finished is kept, even when stopping on an error
         bar.close()
     return embedded, model_s, time.monotonic() - t_start

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 
 import numpy as np
+from tqdm import tqdm
 
 from koclip.errors import KoclipError
+from koclip.images import preprocess
+from koclip.prefetch import prefetched
 
 log = logging.getLogger(__name__)
 
 
 def _decode_chunk(dataset, indices, spec):
-    from koclip.images import preprocess
-
     px = np.zeros((len(indices), spec.size, spec.size, 3), np.float32)
     ok = np.zeros(len(indices), bool)
     for r, i in enumerate(indices):
@@ -30,31 +30,19 @@ def _decode_chunk(dataset, indices, spec):
 def encode_images(model, processor, dataset, *, batch_size: int = 32, num_workers: int = 2,
                   progress: bool = False, desc: str = "images") -> tuple[np.ndarray, np.ndarray]:
     """(n, projection_dim) L2-normalised image embeddings, and (n,) bool: False where undecodable."""
-    from tqdm import tqdm
-
     chunks = [np.arange(lo, min(lo + batch_size, len(dataset))) for lo in range(0, len(dataset), batch_size)]
     dim = model.config.projection_dim
     z = np.zeros((len(dataset), dim), np.float32)
     ok = np.zeros(len(dataset), bool)
-    with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        pending: deque = deque()
-        it = iter(chunks)
-        for idx in it:
-            pending.append((idx, pool.submit(_decode_chunk, dataset, idx, processor.image_spec)))
-            if len(pending) > num_workers:
-                break
-        bar = tqdm(total=len(dataset), desc=desc, disable=not progress, leave=False)
-        while pending:
-            idx, fut = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(_decode_chunk, dataset, nxt, processor.image_spec)))
-            px, good = fut.result()
+    decode = lambda idx: (idx, *_decode_chunk(dataset, idx, processor.image_spec))  # noqa: E731
+    bar = tqdm(total=len(dataset), desc=desc, disable=not progress, leave=False)
+    with closing(prefetched(decode, chunks, workers=num_workers, ahead=num_workers + 1)) as decoded:
+        for idx, px, good in decoded:
             if good.any():
                 z[idx[good]] = np.asarray(model.encode_image(px[good]))
             ok[idx] = good
             bar.update(len(idx))
-        bar.close()
+    bar.close()
     return z, ok
 
 
