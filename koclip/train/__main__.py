@@ -1,5 +1,7 @@
+"""`python -m koclip.train ARGS` runs `koclip train ARGS`."""
+
 import sys
 
-from koclip.train.main import main
+from koclip.cli import main
 
-sys.exit(main())
+sys.exit(main(["train", *sys.argv[1:]]))

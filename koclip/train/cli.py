@@ -1,4 +1,5 @@
-"""`koclip train --config configs/NAME.py [--workdir DIR] [--set key=value ...]`."""
+"""`koclip train --config configs/NAME.py [--workdir DIR] [--set key=value ...]`: the one entry point
+of training from a shell (`python -m koclip.train ...` runs it too)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,6 @@ from pathlib import Path
 
 from koclip.train.config import load_config
 from koclip.train.train import PeerLostError, train_and_evaluate
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--config", required=True, help="a config file with get_config(), e.g. configs/tiny.py")
-    p.add_argument("--workdir", help="checkpoints, logs and the exported model (default: runs/<config name>); "
-                                     "an existing one is resumed")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (repeatable), e.g. --set learning_rate=1e-4")
 
 
 def run(args) -> int:
@@ -39,5 +32,9 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model contrastively (koclip.train)")
-    add_arguments(p)
+    p.add_argument("--config", required=True, help="a config file with get_config(), e.g. configs/tiny.py")
+    p.add_argument("--workdir", help="checkpoints, logs and the exported model (default: runs/<config name>); "
+                                     "an existing one is resumed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable), e.g. --set learning_rate=1e-4")
     p.set_defaults(func=run)
