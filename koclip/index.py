@@ -332,6 +332,21 @@ class _Records:
             self.cols[c].append(v)
 
 
+class JournalRecord(NamedTuple):
+    """Where the journal holds one embedded image, and what is known of its file."""
+
+    chunk: int  # position of its chunk file in _Journal.read()["chunks"]
+    row: int  # its row in that chunk's vectors
+    size: int
+    sha256: str
+    width: int
+    height: int
+
+    def item(self, path: str) -> tuple:
+        """The image's record in _Records.COLUMNS order, stored under `path`."""
+        return (path, self.size, self.sha256, self.width, self.height)
+
+
 def _record(index: Index, row: int) -> tuple:
     """Row `row` of `index`'s per-image columns, in _Records.COLUMNS order."""
     return index.paths[row], index.sizes[row], index.sha256[row], index.widths[row], index.heights[row]
@@ -406,7 +421,7 @@ class _Journal:
 
     def read(self) -> dict:
         """All chunks' records (vectors stay on disk; see `vectors`) ->
-        {"records": {path: (chunk_no, row, size, sha, w, h)}, "chunks": [chunk paths],
+        {"records": {path: JournalRecord}, "chunks": [chunk paths],
         "failed": {path: reason}, "dups": {path: sha}}.  A chunk that cannot be read
         (only possible through disk damage) is deleted, so its images are simply done again."""
         out = {"records": {}, "chunks": [], "failed": {}, "dups": {}}
@@ -425,7 +440,7 @@ class _Journal:
             for row, (path, size, sha, w, h) in enumerate(zip(
                     c["path"].tolist(), c["size"].tolist(), c["sha256"].tolist(),
                     c["width"].tolist(), c["height"].tolist())):
-                out["records"][path] = (no, row, size, sha, w, h)
+                out["records"][path] = JournalRecord(no, row, size, sha, w, h)
                 out["failed"].pop(path, None)
             for path, reason in zip(c["failed_path"].tolist(), c["failed_reason"].tolist()):
                 out["failed"][path] = reason
@@ -1215,7 +1230,7 @@ def build_index(embedder: ImageEmbedder, images_dir, out_path, *, batch_size: in
         first_of_sha = {}
         keep = []
         for rel in sorted(p for p in j["records"] if p in wanted):
-            sha = j["records"][rel][3]
+            sha = j["records"][rel].sha256
             if sha in first_of_sha:
                 report.duplicates.append((rel, first_of_sha[sha]))
             else:
@@ -1235,14 +1250,14 @@ def build_index(embedder: ImageEmbedder, images_dir, out_path, *, batch_size: in
 
 def _items_of(keys: list[str], records: dict) -> dict:
     """Journal records of `keys` -> items columns."""
-    return _columns((k, *records[k][2:6]) for k in keys)
+    return _columns(records[k].item(k) for k in keys)
 
 
 def _fill_from_journal(mm: np.ndarray, keys: list[str], j: dict, rows=None) -> None:
     """Copy the journal vectors of `keys` into `rows` of `mm` (default 0, 1, ...), one chunk at a time."""
     by_chunk: dict[int, list[tuple[int, int]]] = {}
     for dest, k in zip(range(len(keys)) if rows is None else rows, keys):
-        chunk, row = j["records"][k][:2]
+        chunk, row = j["records"][k].chunk, j["records"][k].row
         by_chunk.setdefault(chunk, []).append((dest, row))
     for chunk, pairs in by_chunk.items():
         dest, rows = (np.asarray(x) for x in zip(*pairs))
@@ -1309,7 +1324,7 @@ def _add_locked(old: Index, embedder, paths_or_dir, **embed_options) -> tuple[Bu
     replace, append = {}, []
     kept_of_sha = {s: old.paths[i] for s, i in row_of_sha.items()}
     for key in sorted(k for k in j["records"] if k in keyed):
-        sha = j["records"][key][3]
+        sha = j["records"][key].sha256
         if sha in kept_of_sha:
             if kept_of_sha[sha] != key:
                 report.duplicates.append((key, kept_of_sha[sha]))
@@ -1321,7 +1336,7 @@ def _add_locked(old: Index, embedder, paths_or_dir, **embed_options) -> tuple[Bu
             append.append(key)
     items = _columns(_record(old, i) for i in range(old.count))
     for row, key in replace.items():
-        for c, v in zip(_Records.COLUMNS, (key, *j["records"][key][2:])):
+        for c, v in zip(_Records.COLUMNS, j["records"][key].item(key)):
             items[c][row] = v
     new = _items_of(append, j["records"])
     for c in _Records.COLUMNS:
