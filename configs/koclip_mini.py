@@ -2,9 +2,11 @@
 their pooled features cached once, and only the two projection heads and the temperature trained.
 
 LiT-style: with both towers precomputed a step is two small matmuls, so large
-batches (more negatives) are cheap.  The heads start afresh (`reinit_heads`);
-set reinit_heads=false to fine-tune the published ones instead.  Give the
-caption data with `--set train_data=...` (JSONL or KoCLIP JSON).
+batches (more negatives) are cheap.  The heads start afresh (`reinit_heads`:
+the ConSE heads' matrices drawn anew, their means, temperature and blend as a
+newly built head holds them, the initial logit scale); set reinit_heads=false
+to fine-tune the published ones instead.  Give the caption data with
+`--set train_data=...` (JSONL or KoCLIP JSON).
 """
 
 from configs import default

@@ -194,6 +194,101 @@ def test_schedule_warms_up_then_decays():
     assert [float(lin(s)) for s in (0, 5, 10)] == pytest.approx([1.0, 0.55, 0.1], rel=3 * U32)
 
 
+# ---------------------------------------------------------------- heads started afresh (configs/koclip_mini.py)
+
+
+@pytest.fixture(scope="module")
+def conse_model():
+    """A KoCLIP with koclip-mini's kind of head ("conse") at test size: TINY's 32-wide text tower and
+    the tiny EfficientNet (160 features, 10 classes), 3 classes per ConSE image embedding."""
+    from koclip.config import TINY, ModelConfig, VisionConfig
+    from koclip.train.train import numpy_initialised
+
+    vision = VisionConfig(kind="efficientnet", image_size=32, patch_size=1, variant="tiny")
+    return numpy_initialised(ModelConfig(text=TINY.text, vision=vision, projection_dim=2 * TINY.text.output_dim,
+                                         head="conse", conse_top_k=3, max_length=16))
+
+
+def _head_params(model) -> dict:
+    from flax import nnx
+
+    from koclip.train.optim import path_of
+
+    heads = {"text_projection": model.text_projection, "visual_projection": model.visual_projection}
+    return {f"{name}/{path_of(kp)}": np.asarray(x) for name, head in heads.items()
+            for kp, x in jax.tree_util.tree_flatten_with_path(nnx.state(head, nnx.Param))[0]}
+
+
+@pytest.fixture
+def fitted_conse_model(conse_model):
+    """A copy of `conse_model` whose head parameters and temperature stand for fitted ones: values in
+    [1.5, 2.5], which no freshly started head parameter takes."""
+    from flax import nnx
+
+    model = nnx.merge(*nnx.split(conse_model))
+    rng = np.random.default_rng(5)
+    for head in (model.text_projection, model.visual_projection):
+        for p in vars(head).values():
+            if isinstance(p, nnx.Param):
+                p[...] = jnp.asarray(rng.uniform(1.5, 2.5, p[...].shape), jnp.float32)
+    model.logit_scale[...] = jnp.asarray(2.0, jnp.float32)
+    return model
+
+
+CONSE_HEAD_PARAMS = {"text_projection/mean", "text_projection/kernel", "text_projection/blend",
+                     "visual_projection/mean", "visual_projection/kernel", "visual_projection/class_embeddings",
+                     "visual_projection/temperature", "visual_projection/blend"}
+
+
+def test_koclip_mini_config_starts_every_conse_head_parameter_afresh(monkeypatch, fitted_conse_model):
+    from koclip.towers.conse import ImageHead, TextHead
+    from koclip.train import train
+
+    cfg = load_config(ROOT / "configs" / "koclip_mini.py")
+    assert (cfg.model, cfg.reinit_heads, cfg.tokenizer) == ("koclip-mini", True, "")
+    # Building koclip-mini's tower cache takes minutes: the config's model name loads the small ConSE model.
+    monkeypatch.setattr(train, "load", {"koclip-mini": (fitted_conse_model, None)}.__getitem__)
+    before = _head_params(fitted_conse_model)
+    model, _ = train.build_model(cfg)
+    after = _head_params(model)
+    assert before.keys() == after.keys() == CONSE_HEAD_PARAMS
+    assert [k for k in before if np.any(after[k] == before[k])] == []  # nothing of the fitted heads is kept
+    # Matrices: drawn from normal(0, 0.02).  n draws give a mean within 6 sigma / sqrt(n) of 0 and a
+    # standard deviation within 6 / sqrt(2 n) of sigma, relative (its standard error is sigma / sqrt(2 n)).
+    for k in ("text_projection/kernel", "visual_projection/kernel", "visual_projection/class_embeddings"):
+        n = after[k].size
+        assert abs(after[k].mean()) < 6 * 0.02 / math.sqrt(n), k
+        assert after[k].std() / 0.02 == pytest.approx(1.0, abs=6 / math.sqrt(2 * n)), k
+    # Every other parameter: the value a newly built head holds.
+    built = {"text_projection": TextHead(32), "visual_projection": ImageHead(160, 10, 32, 3)}
+    for k in CONSE_HEAD_PARAMS - {"text_projection/kernel", "visual_projection/kernel",
+                                  "visual_projection/class_embeddings"}:
+        head, name = k.split("/")
+        np.testing.assert_array_equal(after[k], np.asarray(getattr(built[head], name)[...]), err_msg=k)
+    assert float(model.logit_scale[...]) == np.float32(model.config.logit_scale_init)
+
+
+def test_conse_heads_started_afresh_have_finite_nonzero_gradients(fitted_conse_model):
+    # Why the matrices are drawn rather than rebuilt: a newly built ConSE image head (zero matrices) maps every
+    # image to 0, whose L2 normalisation has NaN gradients.
+    from koclip.train.optim import make_optimizer, path_of
+    from koclip.train.train import StepOptions, create_train_state, loss_and_grads, reinit_heads
+
+    cfg = load_config(ROOT / "configs" / "koclip_mini.py")
+    reinit_heads(fitted_conse_model, cfg.seed)
+    graphdef, state = create_train_state(fitted_conse_model, cfg, make_optimizer(cfg, 10))
+    # Both towers precomputed (features="both"): only the heads and the temperature train.
+    assert _paths(state.params) == {f"model/{k}" for k in CONSE_HEAD_PARAMS} | {"model/logit_scale"}
+    rng = np.random.default_rng(0)
+    batch = {"image_feats": rng.normal(size=(8, 160)).astype(np.float32),
+             "text_feats": rng.normal(size=(8, 32)).astype(np.float32), "valid": np.ones(8, bool)}
+    fn = jax.jit(functools.partial(loss_and_grads, graphdef=graphdef, opts=StepOptions.from_config(cfg, 1)))
+    loss, grads = fn(state, batch)
+    assert math.isfinite(float(loss))
+    flat = {path_of(kp): np.asarray(g) for kp, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    assert [k for k, g in flat.items() if not (np.isfinite(g).all() and np.any(g != 0))] == []
+
+
 # ---------------------------------------------------------------- data pipeline
 
 

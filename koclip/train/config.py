@@ -42,7 +42,8 @@ class TrainConfig:
     tokenizer: str = ""
     # Tokens per caption; every batch is padded to exactly this (0: the model's max_length).
     max_length: int = 0
-    # Start the projection heads and temperature afresh (keep only the towers of `model`).
+    # Start the projection heads and temperature afresh, keeping only the towers of `model`
+    # (for each head kind: koclip.train.train.reinit_heads).
     reinit_heads: bool = False
 
     # --- data

@@ -35,6 +35,7 @@ from koclip.loading import from_towers, load, processor_for
 from koclip.model import KoCLIP
 from koclip.processing import Processor
 from koclip.tokenizer import load_tokenizer
+from koclip.towers.conse import ImageHead, TextHead
 from koclip.towers.layers import l2_normalize
 from koclip.train import features, parallel, synthetic
 from koclip.train.config import TrainConfig
@@ -264,14 +265,48 @@ def build_model(cfg: TrainConfig):
 
 
 def reinit_heads(model: KoCLIP, seed: int = 0) -> None:
-    """Fresh projection heads (normal(0, 0.02) kernels, zero biases) and the initial temperature,
-    for fitting the heads of a model whose towers are kept."""
+    """Starts both projection heads and the temperature afresh, for fitting the heads of a model
+    whose towers are kept (TrainConfig.reinit_heads).  Every head parameter is reset, for either
+    head kind (linear, affine or conse):
+
+    - matrices (the kernels, and a ConSE image head's class embeddings) are drawn from
+      normal(0, 0.02), seeded by `seed`, as KoCLIP initialises its linear heads' kernels;
+    - every other parameter takes the value a newly built head holds: zero biases, and for ConSE
+      zero means, temperature 1 and blend 0.5;
+    - logit_scale returns to config.logit_scale_init.
+
+    A ConSE head is not simply rebuilt: its constructor's matrices (identity, zeros) are placeholders
+    for fitted values, and an image head of zeros maps every image to the zero vector, whose L2
+    normalisation has NaN gradients, so training could not start from it.
+    """
     rng = np.random.default_rng([seed, 17])
     for head in (model.text_projection, model.visual_projection):
-        head.kernel[...] = jnp.asarray(rng.normal(0.0, 0.02, head.kernel[...].shape), jnp.float32)
-        if head.bias is not None:
-            head.bias[...] = jnp.zeros(head.bias[...].shape, jnp.float32)
+        built = _built_head_values(head)
+        for name, param in sorted(vars(head).items()):
+            if not isinstance(param, nnx.Param):
+                continue
+            shape = param[...].shape
+            if len(shape) == 2:
+                param[...] = jnp.asarray(rng.normal(0.0, 0.02, shape), jnp.float32)
+            else:
+                param[...] = jnp.broadcast_to(jnp.asarray(built[name], jnp.float32), shape)
     model.logit_scale[...] = jnp.asarray(model.config.logit_scale_init, jnp.float32)
+
+
+def _built_head_values(head) -> dict:
+    """Parameter name -> its value in a newly built head of `head`'s kind and sizes, for the
+    parameters that are not matrices."""
+    if isinstance(head, nnx.Linear):
+        return {"bias": 0.0}  # nnx.Linear's bias_init, which KoCLIP keeps
+    if isinstance(head, TextHead):
+        new = TextHead(head.mean.shape[0])
+    elif isinstance(head, ImageHead):
+        (features, dim), classes = head.kernel.shape, head.class_embeddings.shape[0]
+        new = ImageHead(features, classes, dim, head.top_k)
+    else:
+        raise KoclipError(f"reinit_heads: unknown head {type(head).__name__}; valid: nnx.Linear, "
+                          "koclip.towers.conse.TextHead and ImageHead")
+    return {name: p[...] for name, p in vars(new).items() if isinstance(p, nnx.Param)}
 
 
 def load_datasets(cfg: TrainConfig):
