@@ -90,25 +90,53 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if mode.startswith("I;16") or mode == "I":
-        a = np.asarray(im).astype(np.int64)
-        if a.size and (a.min() < 0 or a.max() > 65535):
-            return _stretch(a.astype(np.float64))
+        a = np.asarray(im)
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 65535:
+            return _grey(a, lambda b: _stretch(b.astype(np.float64), lo, hi))
         # 16-bit data: scale 0..65535 onto 0..255 (x/257, rounded) instead of
         # letting Pillow clip everything above 255 to white.
-        return Image.fromarray(((a + 128) // 257).astype(np.uint8)).convert("RGB")
+        return _grey(a, lambda b: (b.astype(np.int64) + 128) // 257)
     if mode == "F":
-        a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
-            return Image.fromarray(np.rint(a * 255.0).astype(np.uint8)).convert("RGB")
-        return _stretch(a)
+        a = np.asarray(im)
+
+        def finite(b):  # NaN and +-inf read as 0
+            b = b.astype(np.float64)
+            b[~np.isfinite(b)] = 0.0
+            return b
+
+        lo, hi = np.inf, -np.inf
+        for b in _blocks(a):
+            b = finite(b)
+            lo, hi = min(lo, float(b.min())), max(hi, float(b.max()))
+        if lo >= 0.0 and hi <= 1.0:
+            return _grey(a, lambda b: np.rint(finite(b) * 255.0))
+        return _grey(a, lambda b: _stretch(finite(b), lo, hi))
     return im.convert("RGB")
 
 
-def _stretch(a: np.ndarray) -> Image.Image:
-    """Map an array's min..max linearly onto 0..255 (data with no fixed range)."""
-    lo, hi = float(a.min()), float(a.max())
+# Grey levels are converted this many pixels at a time: a float64 copy of a whole 40-megapixel
+# float TIFF (which a few hundred bytes can declare) would be 320 MB per step.
+_BLOCK = 1 << 20
+
+
+def _blocks(a: np.ndarray):
+    flat = a.reshape(-1)
+    return (flat[i:i + _BLOCK] for i in range(0, flat.size, _BLOCK))
+
+
+def _grey(a: np.ndarray, levels) -> Image.Image:
+    """RGB from a 2-D array, levels(block) giving each block's 0..255 values."""
+    out = np.empty(a.size, np.uint8)
+    for i, b in enumerate(_blocks(a)):
+        out[i * _BLOCK:i * _BLOCK + b.size] = levels(b)
+    return Image.fromarray(out.reshape(a.shape)).convert("RGB")
+
+
+def _stretch(b: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map lo..hi (an image's min..max, data with no fixed range) linearly onto 0..255."""
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    return Image.fromarray(np.rint((a - lo) * scale).astype(np.uint8)).convert("RGB")
+    return np.rint((b - lo) * scale)
 
 
 def open_image(source: ImageSource, *, max_pixels: int = 40_000_000,
