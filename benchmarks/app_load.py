@@ -29,8 +29,9 @@ the latencies can show of the server.
 
 Targets: 0 errors; warm p95 of image to text's result at N=8 <= 4x its warm p50 at N=1; for each N,
 RSS after the last round within --rss-allowance MB of RSS after the middle round (round R//2 + 1
-of R).  Not round 2: RSS still rises for the first minutes (new input shapes compile, and
-Streamlit keeps closed sessions for 2 minutes in case they reconnect), then stays flat.
+of R).  Not round 2: RSS still rises over the first minutes (at N=4 it levelled off after round
+6 of 12; new input shapes may still compile, and Streamlit keeps a closed session for 2 minutes
+in case it reconnects), then stays flat.
 
 Run:  .venv/bin/python benchmarks/app_load.py --sessions 1,8,16 --rounds 6
 Needs Debian's chromium (apt-get install -y chromium fonts-nanum) and playwright (no browser
