@@ -54,15 +54,15 @@ import secrets
 import shutil
 import threading
 import time
-import unicodedata
 import zlib
 from pathlib import Path
 from typing import NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from koclip.errors import ImageError, IndexFileError, KoclipError
+from koclip.errors import ImageError, IndexFileError
 from koclip.files import atomic_write, atomic_write_bytes, replacing
+from koclip.index.files import IMAGE_EXTENSIONS, in_shard, parse_shard, scan_images
 from koclip.prefetch import prefetched
 
 try:  # advisory locks keep two writers off one index; POSIX only
@@ -74,7 +74,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "koclip-index"
 FORMAT_VERSION = 1
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 DTYPES = ("float16", "float32")
 # At and above this many vectors, backend="auto" searches the faiss IVF index,
 # and writing an index builds one.  Below it exact search takes < 20 ms anyway.
@@ -269,49 +268,6 @@ def _normalise_rows(v: np.ndarray, what: str) -> np.ndarray:
         raise ValueError(f"{what}: row {int(np.flatnonzero(bad)[0])} has norm {float(norms[bad][0, 0])}; "
                          "vectors must be finite and non-zero")
     return v / norms
-
-
-def parse_shard(shard) -> tuple[int, int] | None:
-    """"i/n" or (i, n) -> (i, n) with 1 <= i <= n, or None for no sharding."""
-    if shard is None:
-        return None
-    if isinstance(shard, str):
-        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
-        if not m:
-            raise ValueError(f"shard must look like 'i/n' (e.g. '2/8'), got {shard!r}")
-        shard = (int(m.group(1)), int(m.group(2)))
-    i, n = shard
-    if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 1 <= i <= n):
-        raise ValueError(f"shard i/n needs 1 <= i <= n, got {i}/{n}")
-    return i, n
-
-
-def in_shard(rel_path: str, shard: tuple[int, int]) -> bool:
-    """Whether `rel_path` belongs to shard i of n; decided by a hash of the path alone, so a
-    file's shard never depends on which other files exist."""
-    i, n = shard
-    key = unicodedata.normalize("NFC", rel_path).encode("utf-8", "surrogateescape")
-    return int.from_bytes(hashlib.sha1(key).digest()[:8], "big") % n == i - 1
-
-
-def scan_images(images_dir) -> list[str]:
-    """All image files under `images_dir`, recursively, as sorted '/'-separated relative paths.
-
-    Matches IMAGE_EXTENSIONS case-insensitively.  Hidden files and folders
-    (".name", e.g. macOS "._IMG.jpg" resource forks) and symlinked folders are skipped.
-    """
-    root = Path(images_dir)
-    if not root.is_dir():
-        raise KoclipError(f"images folder {str(root)!r} does not exist or is not a directory")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel_dir = Path(dirpath).relative_to(root)
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append((rel_dir / name).as_posix())
-    found.sort()
-    return found
 
 
 # ---------------------------------------------------------------- the journal
