@@ -53,7 +53,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from koclip.errors import ImageError, IndexFileError
+from koclip.errors import IndexFileError
 from koclip.index.files import IMAGE_EXTENSIONS, in_shard, parse_shard, scan_images
 from koclip.index.format import (
     _DATA_FILE, _JOURNAL_SUFFIX, DTYPES, FORMAT, FORMAT_VERSION, LOCK_WAIT_SECONDS, ImageEmbedder, _columns,
@@ -62,7 +62,7 @@ from koclip.index.format import (
 )
 from koclip.index.ivf import FAISS_THRESHOLD, _build_ivf, default_nlist
 from koclip.index.journal import _Journal
-from koclip.prefetch import prefetched
+from koclip.index.pipeline import _embed_files
 
 log = logging.getLogger(__name__)
 
@@ -125,104 +125,6 @@ def _stored_path(file: Path, root: Path) -> str:
         return file.relative_to(root).as_posix()
     except ValueError:
         return file.as_posix()
-
-
-# ---------------------------------------------------------------- the embedding pipeline
-
-@dataclasses.dataclass
-class _Batch:
-    records: _Records
-    pixels: np.ndarray | None
-    failed: list
-    dups: list
-
-
-def _load_batch(embedder, files: Sequence[tuple[str, Path]], known: frozenset | set) -> _Batch:
-    """Read, hash, decode and preprocess one batch (runs in a worker thread).
-
-    files: (key, absolute path).  Files whose sha256 is in `known` are not
-    decoded, only listed as duplicates.
-    """
-    from koclip.images import open_image
-
-    records, images, failed, dups = _Records(), [], [], []
-    for key, path in files:
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            failed.append((key, f"cannot read file: {e.strerror or e}"))
-            continue
-        sha = hashlib.sha256(data).hexdigest()
-        if sha in known:
-            dups.append((key, sha))
-            continue
-        try:
-            image = open_image(data, name=key)
-        except ImageError as e:
-            failed.append((key, str(e)))
-            continue
-        records.add(key, len(data), sha, image.width, image.height)
-        images.append(image)
-    pixels = embedder.preprocess(images) if images else None
-    return _Batch(records, pixels, failed, dups)
-
-
-def _embed_files(embedder, files: list[tuple[str, Path]], journal: _Journal, *, batch_size: int,
-                 num_workers: int, progress: bool, checkpoint_every: int, done: set[str],
-                 known: frozenset | set = frozenset()) -> tuple[int, float, float]:
-    """Embed the `files` not in `done` into `journal` chunks.
-
-    Returns (images run through the model, seconds in encode_pixels, seconds in the loop).
-
-    Worker threads read + decode + preprocess upcoming batches while the
-    calling thread runs `encode_pixels`, so the model rarely waits.  Completed
-    batches are committed every `checkpoint_every` images or 30 s, and also when an
-    exception (or Ctrl-C) stops the run, so resuming redoes nothing that finished.
-    """
-    from tqdm.auto import tqdm
-
-    todo = [f for f in files if f[0] not in done]
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    bar = tqdm(total=len(files), initial=len(files) - len(todo), unit="img", desc="embedding",
-               disable=not progress, smoothing=0.05, dynamic_ncols=True)
-    records, vectors, failed, dups = _Records(), [], [], []
-    last_commit = t_start = time.monotonic()
-    embedded, model_s = 0, 0.0
-
-    def commit():
-        nonlocal records, vectors, failed, dups, last_commit
-        journal.commit(records, vectors, failed, dups)
-        records, vectors, failed, dups = _Records(), [], [], []
-        last_commit = time.monotonic()
-
-    # Enough batches in flight that every worker is busy while the model runs.
-    loaded = prefetched(lambda b: _load_batch(embedder, b, known), batches, workers=num_workers,
-                        ahead=2 * max(1, num_workers), name="koclip-index-load")
-    try:
-        for batch in loaded:
-            n = len(batch.records)
-            if n:
-                t = time.monotonic()
-                z = np.asarray(embedder.encode_pixels(batch.pixels))
-                model_s += time.monotonic() - t
-                if z.shape != (n, embedder.dim):
-                    raise ValueError(f"embedder {embedder.name!r} returned vectors of shape {z.shape} "
-                                     f"for {n} images; expected ({n}, {embedder.dim})")
-                z = _normalise_rows(z, f"embedding of {batch.records.cols['path'][0]!r} and batch")
-                vectors.append(z)
-                for c in _Records.COLUMNS:
-                    records.cols[c].extend(batch.records.cols[c])
-                embedded += n
-            failed += batch.failed
-            dups += batch.dups
-            bar.update(n + len(batch.failed) + len(batch.dups))
-            if len(records) + len(failed) + len(dups) >= checkpoint_every or time.monotonic() - last_commit > 30:
-                commit()
-    finally:
-        loaded.close()
-        commit()  # what finished is kept, even when stopping on an error
-        bar.close()
-    return embedded, model_s, time.monotonic() - t_start
 
 
 def load_index(path, embedder: ImageEmbedder | None = None) -> Index:
