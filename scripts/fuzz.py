@@ -158,7 +158,8 @@ def _index_seeds() -> dict[str, bytes]:
 def _journal_seeds() -> dict[str, bytes]:
     import numpy as np
 
-    from koclip.index import _Journal, _Records
+    from koclip.index.format import _Records
+    from koclip.index.journal import _Journal
 
     seeds = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -323,13 +324,13 @@ class Target:
             index.search(np.ones(index.dim, np.float32), k=3, backend="exact")
 
     def _setup_journal(self):
-        from koclip.index import _Journal
+        from koclip.index.journal import _Journal
 
         self.dir = self.work / "fuzz.kidx.partial"
         self.journal = _Journal(self.dir, _JOB)
 
     def _run_journal(self, data):
-        from koclip.index import _Journal
+        from koclip.index.journal import _Journal
 
         (self.dir / "chunk-000001.npz").write_bytes(data)
         j = self.journal.read()

@@ -27,7 +27,8 @@ from koclip.fetch import fetch_url
 from koclip.formats import checkpoints
 from koclip.formats.checkpoints import read_tensors
 from koclip.images import CLIP, open_image, preprocess
-from koclip.index import _Journal, load_index
+from koclip.index import load_index
+from koclip.index.journal import _Journal
 
 FUZZ = Path(__file__).parent / "fixtures" / "fuzz"
 

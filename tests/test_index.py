@@ -423,7 +423,7 @@ def test_crash_while_writing_the_index_keeps_the_old_one(photos, tmp_path, monke
     def die(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kidx, "_commit_meta", die)
+    monkeypatch.setattr("koclip.index.ops._commit_meta", die)
     with pytest.raises(KeyboardInterrupt):
         build(TinyEmbedder(), root, tmp_path / "p.kidx")
     assert load_index(tmp_path / "p.kidx").count == len(images)  # old index intact
@@ -435,7 +435,7 @@ def test_crash_while_writing_the_index_keeps_the_old_one(photos, tmp_path, monke
 
 def test_crash_while_writing_a_first_index_can_be_rerun(photos, tmp_path, monkeypatch):
     root, images = photos
-    monkeypatch.setattr(kidx, "_commit_meta", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr("koclip.index.ops._commit_meta", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         build(TinyEmbedder(), root, tmp_path / "p.kidx")
     monkeypatch.undo()

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from koclip import index as kidx
 from koclip.errors import IndexFileError
 from koclip.index import build_index, load_index, remove_images
+from koclip.index.format import _writer_lock
+from koclip.index.ops import _write_index
 from test_index import TinyEmbedder, make_photos, noise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,8 +117,8 @@ def test_a_writer_that_cannot_get_the_lock_in_time_names_the_holder_and_changes_
     holder = _python(f"""
         import time
         from pathlib import Path
-        from koclip import index
-        with index._writer_lock(Path({str(out)!r}), "adding images"):
+        from koclip.index.format import _writer_lock
+        with _writer_lock(Path({str(out)!r}), "adding images"):
             print("held", flush=True)
             time.sleep(120)
     """, tmp_path, "hold")
@@ -139,11 +140,11 @@ def test_writing_without_the_lock_is_a_programming_error(gallery):
     _, out = gallery
     index = load_index(out)
     with pytest.raises(RuntimeError, match="without the index's writer lock"):
-        kidx._write_index(out, model=index.model, fingerprint=index.fingerprint, dim=index.dim,
-                          dtype=index.dtype, images_root=str(index.root), items={}, fill_vectors=None, count=0)
+        _write_index(out, model=index.model, fingerprint=index.fingerprint, dim=index.dim,
+                     dtype=index.dtype, images_root=str(index.root), items={}, fill_vectors=None, count=0)
 
 
 def test_the_lock_is_reentrant_in_one_thread(gallery):
     _, out = gallery
-    with kidx._writer_lock(out, "outer", wait=0):
+    with _writer_lock(out, "outer", wait=0):
         assert remove_images(out, ["grey.bmp"], lock_wait=0).count == load_index(out).count
