@@ -19,7 +19,7 @@ import sys
 from koclip.errors import KoclipError
 
 # Modules that add subcommands; missing optional ones are skipped.
-_SUBCOMMAND_MODULES = ("koclip.index_cli", "koclip.train.cli", "koclip.evaluation.cli")
+_SUBCOMMAND_MODULES = ("koclip.index.cli", "koclip.train.cli", "koclip.evaluation.cli")
 
 
 def _models(args) -> int:

@@ -42,8 +42,8 @@ The code is split by job, each module importing only modules listed before it:
 files (which images a folder holds; shards), format (the constants and record
 columns, reading and checking the files above, the writer lock and the commit
 of meta.json), ivf (the approximate backend), journal, pipeline (embedding
-images into the journal), search (Index, load_index) and ops (build, add,
-remove, merge, write_vectors_index).
+images into the journal), search (Index, load_index), ops (build, add,
+remove, merge, write_vectors_index) and cli (`koclip index ...`).
 """
 
 from __future__ import annotations
