@@ -83,10 +83,10 @@ def test_add_and_remove_in_two_processes_both_take_effect(gallery, tmp_path):
         _wait_for_holder(out / ".lock", adder.pid, adder, "add")
         remover = _python(f"""
             from koclip.index import remove_images
-            print(remove_images({str(out)!r}, ["grey.bmp"]).count)
+            print(remove_images({str(out)!r}, ["grey.bmp"], lock_wait=600).count)  # ample on a loaded machine
         """, tmp_path, "remove")
         said = []
-        while not said or "waiting up to" not in said[-1]:  # ends: the remover gives up after 60 s
+        while not said or "waiting up to" not in said[-1]:  # bounded: the remover gives up after 600 s
             line = remover.stderr.readline()
             assert line, f"the remover ended without waiting: {''.join(said)}"
             said.append(line)
