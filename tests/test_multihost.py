@@ -7,7 +7,6 @@ JAX compilation cache in pytest's cache folder with tests/test_train.py.
 """
 
 import json
-import os
 import re
 import signal
 import socket
@@ -21,7 +20,7 @@ import pytest
 
 from koclip.train.writers import read_metrics
 from numerics import assert_trees_close, reduction_rtol
-from test_train import make_data  # a plain function: images, captions and a tokenizer
+from test_train import data, make_data, run_env  # noqa: F401 (data, run_env: module fixtures, one per module)
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 600  # seconds for any one run (a cold compilation cache on two busy cores takes ~4 min)
@@ -60,24 +59,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def run_env(request, tmp_path_factory):
-    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
-    cache_dir = cache.mkdir("jax_compilation_cache") if cache else tmp_path_factory.mktemp("jax_cache")
-    env = dict(os.environ)
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    for k in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(k, None)
-    return env
 
 
 def train_args(data, workdir, **sets):
