@@ -320,8 +320,16 @@ VIT = ImagePreprocess(
     size=224, resize="exact", crop=False, resample="bilinear",
     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
-# EfficientNet-Lite's TF evaluation preprocessing (koclip-mini): the same values as
-# koclip.towers.efficientnet.IMAGENET_PREPROCESS, which explains them (tests keep the two equal).
+# EfficientNet-Lite's TF evaluation preprocessing (koclip-mini).
+# The TF lite builder normalises 0..255 pixels with mean 127 and std 128
+# ("inception-style" so that quantised models see a symmetric range); on
+# 0..1 pixels that is mean 127/255 and std 128/255.  Evaluation crops the
+# centre 224/(224+32) of the shorter side and resizes it bicubically to 224;
+# resizing the shorter side to 256 and then cropping 224 frames the same
+# square (TF crops first, so the resampling differs slightly).
+# Source: tensorflow/tpu models/official/efficientnet/lite/
+# efficientnet_lite_builder.py (MEAN_RGB, STDDEV_RGB) and preprocessing.py
+# (CROP_PADDING = 32, bicubic resize).
 IMAGENET_LITE0 = ImagePreprocess(
     size=224, resize="shortest", crop=True, resample="bicubic",
     mean=(127.0 / 255.0,) * 3, std=(128.0 / 255.0,) * 3, resize_size=256)

