@@ -14,7 +14,8 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from koclip import app_support, registry  # noqa: E402
+from koclip import registry  # noqa: E402
+from koclip_app import support  # noqa: E402
 from pages import _common as ui  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -32,7 +33,7 @@ with st.sidebar:
     # The choice lives under its own key, not the widget's: Streamlit gives the sidebar's widgets
     # new ids after a server's very first run (see ui.ensure_frame), which would reset the widget.
     current = st.session_state.setdefault(ui.MODEL_KEY, choice.name)
-    options = list(dict.fromkeys([*app_support.model_options(choice.name), current]))
+    options = list(dict.fromkeys([*support.model_options(choice.name), current]))
     st.session_state[ui.MODEL_KEY] = st.selectbox(
         "모델 / Model", options, index=options.index(current), key="model_select",
         format_func=lambda n: f"{n} (오프라인 / offline)" if registry.is_preset(n) and registry.get(n).offline else n,
@@ -52,4 +53,4 @@ with info_slot.container():
     if info is None:
         st.caption(f"**{name}** — 아직 불러오지 않음 / not loaded yet")
     else:
-        st.caption(f"사용 중 / Active: **{name}**  \n가중치 / Weights: {app_support.describe_source(info)}")
+        st.caption(f"사용 중 / Active: **{name}**  \n가중치 / Weights: {support.describe_source(info)}")

@@ -1,7 +1,7 @@
 """Server time of the demo's three tasks, warm (model loaded, functions compiled).
 
 Two views of each task, median over runs:
-- "library": the calls a page makes (koclip.app_support.Engine), with nothing cached
+- "library": the calls a page makes (koclip_app.support.Engine), with nothing cached
   that a new input would not find cached: a newly uploaded photo is decoded and
   embedded, and the labels / query are new texts every run.
 - "page": one rerun of the page script through streamlit's AppTest, entrypoint

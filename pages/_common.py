@@ -1,6 +1,6 @@
 """Streamlit pieces the pages share: the cached model, the image input, the score chart, the error guard.
 
-Model code stays in koclip (koclip.app_support); this module only wires it to widgets.
+Model code stays in koclip_app.support; this module only wires it to widgets.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 
 import streamlit as st
 
-from koclip import app_support
+from koclip_app import support
 from koclip.errors import KoclipError
 
 log = logging.getLogger("koclip.app")
@@ -62,16 +62,16 @@ def ensure_frame() -> None:
 # ---------------------------------------------------------------- the model
 
 @st.cache_resource(show_spinner=False)
-def default_choice() -> app_support.ModelChoice:
+def default_choice() -> support.ModelChoice:
     """Decided once per server process (the hub probe takes up to 3 s)."""
-    return app_support.choose_default_model()
+    return support.choose_default_model()
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
-def _engine(name: str) -> app_support.Engine:
+def _engine(name: str) -> support.Engine:
     # One Engine per model name for all sessions; Streamlit holds a per-key lock while
     # this runs, so two sessions asking at once load the model once.
-    return app_support.load_engine(name)
+    return support.load_engine(name)
 
 
 def model_name() -> str:
@@ -79,7 +79,7 @@ def model_name() -> str:
     return st.session_state.get(MODEL_KEY) or default_choice().name
 
 
-def engine() -> app_support.Engine:
+def engine() -> support.Engine:
     """The shared Engine of the selected model, loading it (with a spinner) on first use."""
     name = model_name()
     with st.spinner(f"모델 {name} 불러오는 중… / Loading {name}…"):
@@ -212,7 +212,7 @@ def score_chart(ranked, softmax: bool) -> None:
     st.markdown("  \n".join(f"{i}. **{r.label}** — {v}" for i, (r, v) in enumerate(zip(ranked, values), 1)))
 
 
-def gallery(engine: app_support.Engine, folder: str | None):
+def gallery(engine: support.Engine, folder: str | None):
     """The engine's index over `folder` (None: the bundled gallery), built with a progress bar on first use."""
     bar = None
 

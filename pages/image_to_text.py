@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from koclip import app_support
+from koclip_app import support
 from koclip.processing import DEFAULT_TEMPLATE, KOREAN_TEMPLATES
 from pages import _common as ui
 
@@ -34,7 +34,7 @@ with ui.guard("image to text"):
     with left:
         picked = ui.image_input("i2t")
     with right:
-        labels, repeated, blanks = app_support.prepare_labels(labels_text)
+        labels, repeated, blanks = support.prepare_labels(labels_text)
         if repeated or blanks:
             parts = ([f"중복 / repeated: {', '.join(repeated)}"] if repeated else []) + \
                     ([f"빈 줄 / blank lines: {blanks}"] if blanks else [])

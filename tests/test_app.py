@@ -1,4 +1,4 @@
-"""Tests for the Streamlit app (AppTest, from the entrypoint) and koclip.app_support.
+"""Tests for the Streamlit app (AppTest, from the entrypoint) and koclip_app.support.
 
 Most page tests run a tiny random checkpoint written here (real code paths, meaningless
 scores); the tests that check real results use koclip-mini and skip while it cannot load.
@@ -16,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 import koclip
 from tiny_tokenizer import write_tiny_tokenizer
-from koclip import app_support
+from koclip_app import support
 from koclip.config import TINY
 from koclip.data import gallery, gallery_dir
 from koclip.errors import KoclipError
@@ -103,19 +103,19 @@ def errors(at):
 # ---------------------------------------------------------------- library side
 
 def test_koclip_model_env_overrides_the_default():
-    assert app_support.choose_default_model({"KOCLIP_MODEL": " /models/mine "}, probe=lambda t: False) \
+    assert support.choose_default_model({"KOCLIP_MODEL": " /models/mine "}, probe=lambda t: False) \
         == ("/models/mine", None)
 
 
 def test_default_is_koclip_mini_with_a_note_when_base_is_not_cached_and_the_hub_is_silent(hf_cache):
     probed = []
-    choice = app_support.choose_default_model({}, probe=lambda t: probed.append(t) or False)
+    choice = support.choose_default_model({}, probe=lambda t: probed.append(t) or False)
     assert choice.name == "koclip-mini" and "koclip-base" in choice.note and "offline" in choice.note
     assert probed == [3.0]
 
 
 def test_default_is_koclip_base_when_the_hub_answers(hf_cache):
-    assert app_support.choose_default_model({}, probe=lambda t: True).name == "koclip-base"
+    assert support.choose_default_model({}, probe=lambda t: True).name == "koclip-base"
 
 
 def test_default_is_koclip_base_when_its_files_are_cached(hf_cache, tmp_path):
@@ -124,17 +124,17 @@ def test_default_is_koclip_base_when_its_files_are_cached(hf_cache, tmp_path):
     for f in ("config.json", "flax_model.msgpack", "tokenizer.json"):
         (src / f).write_text("{}")
     hf_cache.put("koclip/koclip-base", src)
-    assert app_support.choose_default_model({}, probe=lambda t: False).name == "koclip-base"
+    assert support.choose_default_model({}, probe=lambda t: False).name == "koclip-base"
 
 
 def test_labels_lose_blanks_and_repeats():
-    assert app_support.prepare_labels("고양이\n\n 강아지 \n고양이\n  \n자동차") == \
+    assert support.prepare_labels("고양이\n\n 강아지 \n고양이\n  \n자동차") == \
         (["고양이", "강아지", "자동차"], ["고양이"], 2)
 
 
 def test_fewer_than_two_distinct_labels_are_refused():
     with pytest.raises(KoclipError, match="at least 2 different labels.*got 1"):
-        app_support.prepare_labels("고양이\n고양이\n")
+        support.prepare_labels("고양이\n고양이\n")
 
 
 def test_text_embeddings_are_computed_once_per_text(tiny_engine):
@@ -193,7 +193,7 @@ def test_a_precomputed_index_of_the_same_model_and_photos_is_used(tiny_engine, t
     build_index(tiny_engine.embedder, photos, tmp_path / "emb" / "photos.kidx", progress=False)
     monkeypatch.setenv("KOCLIP_EMBEDDINGS_DIR", str(tmp_path / "emb"))
     monkeypatch.setenv("KOCLIP_CACHE", str(tmp_path / "cache"))
-    g = app_support.gallery_index(tiny_engine, photos)
+    g = support.gallery_index(tiny_engine, photos)
     assert g.origin == "precomputed" and sorted(g.index.paths) == ["p0.png", "p1.png", "p2.png"]
     assert not (tmp_path / "cache").exists()
 
@@ -202,7 +202,7 @@ def test_the_committed_gallery_index_is_current_for_koclip_mini(mini_engine, tmp
     # Refitting mini's heads without rebuilding embeddings/ must not leave a stale index in use.
     monkeypatch.setenv("KOCLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("KOCLIP_EMBEDDINGS_DIR", raising=False)
-    g = app_support.gallery_index(mini_engine)
+    g = support.gallery_index(mini_engine)
     assert g.origin == "precomputed", "embeddings/gallery-koclip-mini.kidx is stale: rebuild it (README)"
     fresh = np.asarray(mini_engine.embedder.encode_images([g.root / p for p in g.index.paths]), np.float64)
     stored = np.asarray(g.index.vectors, np.float64)
@@ -221,12 +221,12 @@ def test_a_gallery_is_built_once_then_rebuilt_when_a_photo_is_added(tiny_engine,
     monkeypatch.setenv("KOCLIP_EMBEDDINGS_DIR", str(tmp_path / "none"))
     monkeypatch.setenv("KOCLIP_CACHE", str(tmp_path / "cache"))
     calls = []
-    assert app_support.gallery_index(tiny_engine, photos, progress=lambda d, t: calls.append((d, t))).origin \
+    assert support.gallery_index(tiny_engine, photos, progress=lambda d, t: calls.append((d, t))).origin \
         == "built"
     assert calls[-1] == (3, 3)
-    assert app_support.gallery_index(tiny_engine, photos).origin == "cached"
+    assert support.gallery_index(tiny_engine, photos).origin == "cached"
     Image.new("RGB", (30, 30), (9, 9, 9)).save(photos / "new.png")
-    g = app_support.gallery_index(tiny_engine, photos)
+    g = support.gallery_index(tiny_engine, photos)
     assert g.origin == "built" and g.index.count == 4
 
 
@@ -327,7 +327,7 @@ def test_an_unexpected_error_becomes_a_friendly_message_and_a_log_line(app, monk
     def broken(self, *a, **kw):
         raise RuntimeError("internal detail that must not reach the page")
 
-    monkeypatch.setattr(app_support.Engine, "classify", broken)
+    monkeypatch.setattr(support.Engine, "classify", broken)
     with caplog.at_level(logging.ERROR, logger="koclip.app"):
         at = app("pages/image_to_text.py")
     assert "Something went wrong" in errors(at) and "internal detail" not in errors(at)

@@ -1,5 +1,5 @@
 """The library's layering: no import cycles, counting imports inside functions, and the
-library never imports the app or the training code.
+library never imports the app (koclip_app, Streamlit) or the training code.
 
 An import placed inside a function to get round a cycle hides the cycle from
 Python but not from this test: it reads every module's source, takes each
@@ -104,4 +104,16 @@ def test_the_library_never_imports_training_code():
     graph = import_graph()
     offenders = sorted(f"{v} -> {w}" for v, ws in graph.items() if not v.startswith("koclip.train")
                        for w in ws if w.startswith("koclip.train"))
+    assert not offenders, offenders
+
+
+def test_the_library_knows_no_screen():
+    """Nothing under koclip/ imports Streamlit or the app's own package (koclip_app)."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            offenders += [f"{path.relative_to(PACKAGE.parent)}: {n}" for n in names
+                          if n.split(".")[0] in ("streamlit", "koclip_app")]
     assert not offenders, offenders

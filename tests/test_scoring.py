@@ -43,7 +43,7 @@ def test_the_scale_stops_at_clips_ceiling():
 
 def test_the_cli_and_the_app_print_the_same_percentages(monkeypatch, capsys):
     import koclip
-    from koclip.app_support import Engine
+    from koclip_app.support import Engine
     from koclip.cli import main
     from koclip.data import gallery_dir
 

@@ -10,6 +10,7 @@
   kept in the cache folder.
 
 The Streamlit side (st.cache_resource, widgets) lives in pages/_common.py.
+Not part of the koclip library: a user without the app never needs it.
 """
 
 from __future__ import annotations
