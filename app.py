@@ -9,14 +9,14 @@ from pathlib import Path
 
 import streamlit as st
 
-# `pages._common` is imported by the pages; make the app folder importable however we are started.
+# `koclip_app` is imported by the pages; make the app folder importable however we are started.
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from koclip import registry  # noqa: E402
 from koclip_app import support  # noqa: E402
-from pages import _common as ui  # noqa: E402
+from koclip_app import ui  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 st.set_page_config(page_title="KoCLIP · 한국어 CLIP", page_icon="🔎", layout="wide")

@@ -107,12 +107,12 @@ def main() -> None:
 
     import jax
 
-    from pages import _common
+    from koclip_app import ui
 
     print(f"model {args.model}; jax {jax.__version__} on {jax.devices()[0].platform}, "
           f"{os.cpu_count()} CPUs; median (max) of {args.runs} runs, warm")
     t = time.perf_counter()
-    engine = _common._engine(args.model)  # the app's own cache, so the page runs reuse it
+    engine = ui._engine(args.model)  # the app's own cache, so the page runs reuse it
     print(f"load: {time.perf_counter() - t:.1f} s ({engine.info.source})")
     t = time.perf_counter()
     g = engine.gallery()

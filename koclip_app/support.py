@@ -9,7 +9,7 @@
   under `embeddings/` when it fits the model, else one built on first use and
   kept in the cache folder.
 
-The Streamlit side (st.cache_resource, widgets) lives in pages/_common.py.
+The Streamlit side (st.cache_resource, widgets) lives in koclip_app/ui.py.
 Not part of the koclip library: a user without the app never needs it.
 """
 

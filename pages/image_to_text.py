@@ -4,7 +4,7 @@ import streamlit as st
 
 from koclip_app import support
 from koclip.processing import DEFAULT_TEMPLATE, KOREAN_TEMPLATES
-from pages import _common as ui
+from koclip_app import ui
 
 ui.ensure_frame()
 

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from koclip import registry
-from pages import _common as ui
+from koclip_app import ui
 
 ui.ensure_frame()
 

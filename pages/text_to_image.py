@@ -4,7 +4,7 @@ import os
 
 import streamlit as st
 
-from pages import _common as ui
+from koclip_app import ui
 
 ui.ensure_frame()
 

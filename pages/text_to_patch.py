@@ -3,7 +3,7 @@
 import streamlit as st
 
 from koclip.patches import heatmap_overlay
-from pages import _common as ui
+from koclip_app import ui
 
 ui.ensure_frame()
 

@@ -64,19 +64,19 @@ def app(tiny_dir, cache, monkeypatch):
 
 @pytest.fixture(scope="module")
 def mini_engine():
-    from pages import _common
+    from koclip_app import ui
 
     try:
-        return _common._engine("koclip-mini")  # the app's shared cache: the AppTests reuse it
+        return ui._engine("koclip-mini")  # the app's shared cache: the AppTests reuse it
     except Exception as e:  # noqa: BLE001 - any failure means the model is not available here
         pytest.skip(f"koclip-mini does not load here ({type(e).__name__}: {e})")
 
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_dir):
-    from pages import _common
+    from koclip_app import ui
 
-    return _common._engine(str(tiny_dir))
+    return ui._engine(str(tiny_dir))
 
 
 def upload(at, name, data, mime):

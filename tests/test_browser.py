@@ -38,10 +38,10 @@ def free_port() -> int:
 
 def mini_loads() -> bool:
     """koclip-mini loads here (through the app's cache, which the other test files share)."""
-    from pages import _common
+    from koclip_app import ui
 
     try:
-        _common._engine("koclip-mini")
+        ui._engine("koclip-mini")
     except Exception:  # noqa: BLE001 - any failure means: test with the tiny checkpoint instead
         return False
     return True

@@ -119,10 +119,10 @@ def test_overlay_tints_better_patches_brighter():
 
 @pytest.fixture(scope="module")
 def mini():
-    from pages import _common
+    from koclip_app import ui
 
     try:
-        return _common._engine("koclip-mini")  # the app's shared cache: one load per test process
+        return ui._engine("koclip-mini")  # the app's shared cache: one load per test process
     except Exception as e:  # noqa: BLE001 - any failure means the model is not available here
         pytest.skip(f"koclip-mini does not load here ({type(e).__name__}: {e})")
 
