@@ -112,7 +112,7 @@ def main() -> None:
     print(f"model {args.model}; jax {jax.__version__} on {jax.devices()[0].platform}, "
           f"{os.cpu_count()} CPUs; median (max) of {args.runs} runs, warm")
     t = time.perf_counter()
-    engine = ui._engine(args.model)  # the app's own cache, so the page runs reuse it
+    engine = ui.shared_engine(args.model)  # the app's own cache, so the page runs reuse it
     print(f"load: {time.perf_counter() - t:.1f} s ({engine.info.source})")
     t = time.perf_counter()
     g = engine.gallery()

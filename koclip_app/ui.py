@@ -1,6 +1,8 @@
-"""Streamlit pieces the pages share: the cached model, the image input, the score chart, the error guard.
+"""Streamlit pieces the pages share: the page frame (sidebar with the page links and the model
+picker), the cached model, the image input, the score chart, the error guard.
 
-Model code stays in koclip_app.support; this module only wires it to widgets.
+app.py (the home page) and every file in pages/ run inside `with ui.page(...)`.  Model code
+stays in koclip_app.support; this module only wires it to widgets.
 """
 
 from __future__ import annotations
@@ -9,14 +11,15 @@ import contextlib
 import hashlib
 import logging
 import os
-import threading
 
 import streamlit as st
 
-from koclip_app import support
+from koclip import registry
 from koclip.errors import KoclipError
+from koclip_app import support
 
 log = logging.getLogger("koclip.app")
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp", "gif"]
 MAX_UPLOAD_MB = 20
@@ -28,35 +31,57 @@ MODEL_KEY = "model"  # session state: the model picked in the sidebar
 LOADED: dict = {}
 
 
-# ---------------------------------------------------------------- the frame
+# ---------------------------------------------------------------- the page frame
 
-_FRAME = threading.local()
+# The sidebar's links, in order: (script relative to app.py, label, icon).  Streamlit's own list
+# of pages is switched off (.streamlit/config.toml: client.showSidebarNavigation) for these labels.
+PAGES = (
+    ("app.py", "소개 / Introduction", ":material/home:"),
+    ("pages/image_to_text.py", "이미지 → 텍스트 / Image to text", ":material/label:"),
+    ("pages/text_to_image.py", "텍스트 → 이미지 / Text to image", ":material/image_search:"),
+    ("pages/text_to_patch.py", "텍스트 → 패치 / Text to patch", ":material/grid_on:"),
+)
 
 
 @contextlib.contextmanager
-def frame():
-    """app.py runs the selected page inside this, so pages can tell they were routed by it."""
-    _FRAME.active = True
-    try:
-        yield
-    finally:
-        _FRAME.active = False
+def page(what: str):
+    """Every page's frame: `with ui.page("image to text"): ...the page...`.
 
-
-def ensure_frame() -> None:
-    """Called first by every page: reruns through app.py when a page was run without it.
-
-    Because this folder is called pages/, Streamlit's old multipage mode runs a page file
-    on its own (no sidebar, no model picker) when a server's very first request is for a
-    page's URL, and AppTest does so on every rerun.  Switching that mode off, as
-    st.navigation itself does, and rerunning sends the request through app.py.
+    Sets the page up, draws the sidebar (the links to the pages, the model picker),
+    runs the page's body under `guard(what)`, then says in the sidebar which model
+    is active and where its weights came from (by then the body has loaded it).
     """
-    if getattr(_FRAME, "active", False):
-        return
-    from streamlit.runtime.pages_manager import PagesManager
+    st.set_page_config(page_title="KoCLIP · 한국어 CLIP", page_icon="🔎", layout="wide")
+    with st.sidebar:
+        for script, label, icon in PAGES:
+            st.page_link(script, label=label, icon=icon)
+        info_slot = _model_picker()
+    with guard(what):
+        yield
+    name = model_name()
+    info = LOADED.get(name)
+    with info_slot.container():
+        if info is None:
+            st.caption(f"**{name}** — 아직 불러오지 않음 / not loaded yet")
+        else:
+            st.caption(f"사용 중 / Active: **{name}**  \n가중치 / Weights: {support.describe_source(info)}")
 
-    PagesManager.uses_pages_directory = False
-    st.rerun()
+
+def _model_picker():
+    """The sidebar's model select box; returns the empty slot under it for the model's details."""
+    choice = default_choice()
+    # The choice lives under its own key, not the widget's: each page has its own widget, and
+    # Streamlit drops a widget's state when a page without it runs.
+    current = st.session_state.setdefault(MODEL_KEY, choice.name)
+    options = list(dict.fromkeys([*support.model_options(choice.name), current]))
+    st.session_state[MODEL_KEY] = st.selectbox(
+        "모델 / Model", options, index=options.index(current), key="model_select",
+        format_func=lambda n: f"{n} (오프라인 / offline)" if registry.is_preset(n) and registry.get(n).offline else n,
+        help="koclip-base/large는 허브에서 내려받고, koclip-mini는 인터넷 없이 동작합니다. / "
+             "koclip-base/large download from the hub; koclip-mini runs offline.")
+    if choice.note and st.session_state[MODEL_KEY] == choice.name:
+        st.caption(choice.note)
+    return st.empty()
 
 
 # ---------------------------------------------------------------- the model
@@ -68,7 +93,7 @@ def default_choice() -> support.ModelChoice:
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
-def _engine(name: str) -> support.Engine:
+def shared_engine(name: str) -> support.Engine:
     # One Engine per model name for all sessions; Streamlit holds a per-key lock while
     # this runs, so two sessions asking at once load the model once.
     return support.load_engine(name)
@@ -83,7 +108,7 @@ def engine() -> support.Engine:
     """The shared Engine of the selected model, loading it (with a spinner) on first use."""
     name = model_name()
     with st.spinner(f"모델 {name} 불러오는 중… / Loading {name}…"):
-        e = _engine(name)
+        e = shared_engine(name)
     LOADED[name] = e.info
     return e
 

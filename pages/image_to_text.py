@@ -6,19 +6,16 @@ from koclip_app import support
 from koclip.processing import DEFAULT_TEMPLATE, KOREAN_TEMPLATES
 from koclip_app import ui
 
-ui.ensure_frame()
-
 DEFAULT_LABELS = "고양이\n강아지\n자동차\n커피\n산"
 # koclip-mini learned pictures only through ImageNet's classes (README: 47-53% top-1 on the gallery).
 MINI_LIMITS = ("koclip-mini는 ImageNet 1000개 클래스를 통해서만 글과 그림을 맞춘 오프라인 모델이라, 그 밖의 대상"
                "(달, 은하, 사람, 도시 등)은 자주 틀립니다. / koclip-mini learned pictures only through ImageNet's "
                "1000 classes, so it often misses subjects outside them (the moon, a galaxy, people, a city).")
 
-st.title("이미지 → 텍스트 / Image to text")
-st.caption("사진을 고르고 라벨을 한 줄에 하나씩 적으면, 모델이 라벨을 점수순으로 정렬합니다. / "
-           "Pick a photo and type labels, one per line; the model ranks them.")
-
-with ui.guard("image to text"):
+with ui.page("image to text"):
+    st.title("이미지 → 텍스트 / Image to text")
+    st.caption("사진을 고르고 라벨을 한 줄에 하나씩 적으면, 모델이 라벨을 점수순으로 정렬합니다. / "
+               "Pick a photo and type labels, one per line; the model ranks them.")
     left, right = st.columns([1, 1], gap="large")
     with right:
         labels_text = st.text_area("라벨 (한 줄에 하나) / Labels, one per line", DEFAULT_LABELS, height=170,

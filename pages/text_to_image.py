@@ -6,14 +6,11 @@ import streamlit as st
 
 from koclip_app import ui
 
-ui.ensure_frame()
-
 COLUMNS = 4
 
-st.title("텍스트 → 이미지 / Text to image")
-st.caption("문장으로 갤러리에서 가장 잘 맞는 사진을 찾습니다. / Find the photos in a gallery that best match a sentence.")
-
-with ui.guard("text to image"):
+with ui.page("text to image"):
+    st.title("텍스트 → 이미지 / Text to image")
+    st.caption("문장으로 갤러리에서 가장 잘 맞는 사진을 찾습니다. / Find the photos in a gallery that best match a sentence.")
     query = st.text_input("검색어 / Query", "모래사장과 바다가 있는 해변", key="t2i_query")
     k = st.slider("보여줄 사진 수 / Number of photos (top k)", 1, 12, 8, key="t2i_k")
     folder = ""

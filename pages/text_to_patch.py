@@ -5,13 +5,10 @@ import streamlit as st
 from koclip.patches import heatmap_overlay
 from koclip_app import ui
 
-ui.ensure_frame()
-
-st.title("텍스트 → 패치 / Text to patch")
-st.caption("사진을 격자로 나누어 각 칸을 글과 비교합니다. 색이 밝을수록 더 잘 맞고, 가장 잘 맞는 칸은 빨간 테두리입니다. / "
-           "Each grid cell is compared with the text: brighter is a better match; the best cell is outlined in red.")
-
-with ui.guard("text to patch"):
+with ui.page("text to patch"):
+    st.title("텍스트 → 패치 / Text to patch")
+    st.caption("사진을 격자로 나누어 각 칸을 글과 비교합니다. 색이 밝을수록 더 잘 맞고, 가장 잘 맞는 칸은 빨간 테두리입니다. / "
+               "Each grid cell is compared with the text: brighter is a better match; the best cell is outlined in red.")
     left, right = st.columns([2, 3], gap="large")
     with left:
         query = st.text_input("찾을 것 / Query", "고양이", key="t2p_query").strip()

@@ -67,7 +67,7 @@ def mini_engine():
     from koclip_app import ui
 
     try:
-        return ui._engine("koclip-mini")  # the app's shared cache: the AppTests reuse it
+        return ui.shared_engine("koclip-mini")  # the app's shared cache: the AppTests reuse it
     except Exception as e:  # noqa: BLE001 - any failure means the model is not available here
         pytest.skip(f"koclip-mini does not load here ({type(e).__name__}: {e})")
 
@@ -76,7 +76,7 @@ def mini_engine():
 def tiny_engine(tiny_dir):
     from koclip_app import ui
 
-    return ui._engine(str(tiny_dir))
+    return ui.shared_engine(str(tiny_dir))
 
 
 def upload(at, name, data, mime):
@@ -262,10 +262,10 @@ def test_the_sidebar_shows_the_active_model_and_where_its_weights_came_from(app,
 
 def test_the_picked_model_survives_reruns_and_page_switches(app):
     # koclip-mini is not the first option, so a widget that lost its state would show another model.
-    # (The intro page loads no model.)
+    # (The home page, app.py, loads no model.)
     at = app(model="koclip-mini")
     at.run()
-    at.switch_page("pages/intro.py").run()
+    at.switch_page("app.py").run()
     assert at.sidebar.selectbox(key="model_select").value == "koclip-mini"
     assert "koclip-mini" in " ".join(c.value for c in at.sidebar.caption)
 

@@ -6,6 +6,7 @@ package; skipped otherwise.  Uses koclip-mini when it is installed (and then che
 answer), else a tiny random checkpoint written here (and then checks only the page's workings).
 """
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from koclip_app.ui import PAGES
 from numerics import reduction_rtol
 
 pytestmark = pytest.mark.browser
@@ -41,31 +43,22 @@ def mini_loads() -> bool:
     from koclip_app import ui
 
     try:
-        ui._engine("koclip-mini")
+        ui.shared_engine("koclip-mini")
     except Exception:  # noqa: BLE001 - any failure means: test with the tiny checkpoint instead
         return False
     return True
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def browser_available() -> None:
     if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
         pytest.skip("chromium is not installed (apt-get install -y chromium, or `make browser`)")
     if importlib.util.find_spec("playwright") is None:
         pytest.skip("the playwright package is not installed (pip install playwright==1.65.2)")
-    tmp = tmp_path_factory.mktemp("browser")
-    if mini_loads():
-        model = "koclip-mini"
-    else:
-        import koclip
-        from flax import nnx
 
-        from tiny_tokenizer import write_tiny_tokenizer
-        from koclip.config import TINY
 
-        model = str(tmp / "tiny")
-        koclip.save(koclip.KoCLIP(TINY, rngs=nnx.Rngs(0)), model)
-        write_tiny_tokenizer(model)
+@contextlib.contextmanager
+def streamlit_server(tmp: Path, model: str):
+    """`streamlit run app.py` on a free port -> (url, log path) once it answers its health check."""
     port = free_port()
     env = dict(os.environ, KOCLIP_MODEL=model, KOCLIP_CACHE=str(tmp / "cache"), PYTHONUNBUFFERED="1")
     log = open(tmp / "streamlit.log", "w")
@@ -86,7 +79,7 @@ def server(tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"streamlit did not start: {(tmp / 'streamlit.log').read_text()[-2000:]}")
             time.sleep(0.5)
-        yield url, model, tmp / "streamlit.log"
+        yield url, tmp / "streamlit.log"
     finally:
         proc.terminate()
         try:
@@ -94,6 +87,30 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    """koclip-mini where it loads, else a tiny random checkpoint written here."""
+    if mini_loads():
+        return "koclip-mini"
+    import koclip
+    from flax import nnx
+
+    from tiny_tokenizer import write_tiny_tokenizer
+    from koclip.config import TINY
+
+    path = str(tmp_path_factory.mktemp("tiny"))
+    koclip.save(koclip.KoCLIP(TINY, rngs=nnx.Rngs(0)), path)
+    write_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model):
+    browser_available()
+    with streamlit_server(tmp_path_factory.mktemp("browser"), model) as (url, log):
+        yield url, model, log
 
 
 def test_upload_a_photo_type_labels_and_read_the_ranking(server):
@@ -163,3 +180,27 @@ def test_on_a_phone_wide_screen_the_photo_fits_its_column(server):
             browser.close()
     assert box["width"] > 100  # shown, not collapsed
     assert box["x"] + box["width"] <= column["x"] + column["width"] + 1, (box, column)
+
+
+def test_a_deep_link_as_a_fresh_servers_first_request_gets_the_whole_frame(tmp_path, model):
+    """The first page a new server runs is a page's own URL: it still has the sidebar's page links
+    and model picker, and Streamlit's own page list (file names) stays hidden."""
+    from playwright.sync_api import sync_playwright
+
+    browser_available()
+    with streamlit_server(tmp_path, model) as (url, log), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{url}/text_to_patch")
+            page.get_by_text("텍스트 → 패치 / Text to patch", exact=True).last.wait_for(timeout=120_000)
+            sidebar = page.get_by_test_id("stSidebar")
+            sidebar.get_by_text("모델 / Model").wait_for(timeout=60_000)
+            links = sidebar.get_by_role("link").all_inner_texts()
+            builtin_nav = page.get_by_test_id("stSidebarNav").count()
+        finally:
+            browser.close()
+        assert "Traceback" not in log.read_text()
+    # A link's text is its icon's name, then its label.
+    assert [t.split("\n")[-1] for t in links] == [label for _, label, _ in PAGES], links
+    assert builtin_nav == 0

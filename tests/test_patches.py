@@ -122,7 +122,7 @@ def mini():
     from koclip_app import ui
 
     try:
-        return ui._engine("koclip-mini")  # the app's shared cache: one load per test process
+        return ui.shared_engine("koclip-mini")  # the app's shared cache: one load per test process
     except Exception as e:  # noqa: BLE001 - any failure means the model is not available here
         pytest.skip(f"koclip-mini does not load here ({type(e).__name__}: {e})")
 
