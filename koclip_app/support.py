@@ -24,16 +24,23 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
+import huggingface_hub as hf
 import numpy as np
 
-from koclip import registry
-from koclip.errors import KoclipError
+import koclip
+from koclip import compile_cache, hub, registry
+from koclip.data import gallery_dir
+from koclip.embedder import Embedder
+from koclip.errors import IndexFileError, KoclipError
+from koclip.files import cache_root
+from koclip.formats import WEIGHT_FILES
+from koclip.index import build_index, load_index, scan_images
+from koclip.patches import rank_patches
 from koclip.processing import DEFAULT_TEMPLATE, KOREAN_TEMPLATES, apply_template, clean_labels
 
 log = logging.getLogger("koclip.app")
 
 MODEL_ENV = "KOCLIP_MODEL"
-CACHE_ENV = "KOCLIP_CACHE"  # the same variable koclip-mini and the compile cache use
 EMBEDDINGS_ENV = "KOCLIP_EMBEDDINGS_DIR"
 OFFLINE_MODEL = "koclip-mini"
 HUB_MODEL = "koclip-base"
@@ -57,9 +64,6 @@ class ModelChoice(NamedTuple):
 def hub_model_cached(name: str) -> bool:
     """True when the config, one weight file and the tokenizer of registry model `name` are in the
     local huggingface_hub cache, so it loads without the network."""
-    import huggingface_hub as hf
-
-    from koclip.formats.checkpoints import WEIGHT_FILES
 
     preset = registry.get(name)
     if preset.source.startswith("builtin:"):
@@ -80,8 +84,6 @@ def choose_default_model(env=None, *, probe: Callable[[float], bool] | None = No
                          timeout: float = PROBE_SECONDS) -> ModelChoice:
     """KOCLIP_MODEL (a registry name or a local checkpoint directory) when set; else koclip-base
     when it is cached or the hub answers within `timeout` seconds; else koclip-mini, with a note."""
-    from koclip import hub
-
     env = os.environ if env is None else env
     override = env.get(MODEL_ENV, "").strip()
     if override:
@@ -178,35 +180,23 @@ class Engine:
     """
 
     def __init__(self, model, processor, *, text_cache: int = 4096, image_cache: int = 64, gallery_cache: int = 4):
-        self.model = model
-        self.processor = processor
-        self.info = getattr(model, "load_info", None)
-        self.name = self.info.name if self.info else type(model).__name__
+        info = getattr(model, "load_info", None)
+        # The library's wrapper does the encoding; the Engine adds the caches and the app's tasks.
+        # Its fingerprint is that of `koclip index build --model NAME`, so precomputed indexes match.
+        self.embedder = Embedder(model, processor, name=info.name if info else type(model).__name__)
+        self.model, self.processor, self.info, self.name = model, processor, info, self.embedder.name
         self._texts = LRU(text_cache)
         self._images = LRU(image_cache)
-        self._embedder = None
         # Bounded: every folder typed into "your gallery" would otherwise keep its index for good.
         self._galleries = LRU(gallery_cache)
         self._gallery_lock = threading.Lock()
-
-    @property
-    def embedder(self):
-        """The model as a koclip.Embedder: the image embedder of indexes (same fingerprint as
-        `koclip index build --model NAME`, so precomputed indexes match)."""
-        if self._embedder is None:
-            from koclip.embedder import Embedder
-
-            self._embedder = Embedder(self.model, self.processor, name=self.name)
-        return self._embedder
 
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         """(n,) texts -> (n, d) float32 L2-normalised embeddings; only unseen texts go through the model."""
         out = [self._texts.get(t) for t in texts]
         missing = list(dict.fromkeys(t for t, z in zip(texts, out) if z is None))
         if missing:
-            batch = self.processor(text=missing)
-            z = np.asarray(self.model.encode_text(batch["input_ids"], batch["attention_mask"]), np.float32)
-            fresh = dict(zip(missing, z))
+            fresh = dict(zip(missing, self.embedder.encode_texts(missing)))
             for t, v in fresh.items():
                 self._texts.put(t, v)
             out = [fresh[t] if z is None else z for t, z in zip(texts, out)]
@@ -218,8 +208,7 @@ class Engine:
             z = self._images.get(key)
             if z is not None:
                 return z
-        pixels = self.processor.preprocess_images([image])
-        z = np.asarray(self.model.encode_image(pixels), np.float32)[0]
+        z = self.embedder.encode_images([image])[0]
         if key is not None:
             self._images.put(key, z)
         return z
@@ -269,17 +258,11 @@ class Engine:
 
     def patches(self, image, query: str, rows: int, cols: int):
         """koclip.patches.rank_patches with the query embedding taken from the cache."""
-        from koclip.patches import rank_patches
-
         return rank_patches(self.model, self.processor, image, self.texts([query])[0], rows, cols)
 
 
 def load_engine(name: str) -> Engine:
     """koclip.load(name) wrapped in an Engine."""
-    import koclip
-
-    from koclip import compile_cache
-
     # A restarted app reuses the compiled programs of the last one.
     compile_cache.enable()
     model, processor = koclip.load(name, precision="auto")
@@ -290,12 +273,8 @@ def load_engine(name: str) -> Engine:
 # ---------------------------------------------------------------- gallery indexes
 
 def cache_dir() -> Path:
-    """Where the app keeps indexes it builds: $KOCLIP_CACHE, else ~/.cache/koclip."""
-    env = os.environ.get(CACHE_ENV, "").strip()
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
-    return Path(base) / "koclip"
+    """Where the app keeps indexes it builds: koclip's cache folder (koclip.files.cache_root)."""
+    return cache_root()
 
 
 def embeddings_dir() -> Path:
@@ -326,9 +305,6 @@ def _safe_name(text: str) -> str:
 
 def _precomputed(engine: Engine, folder: Path):
     """A committed index under embeddings_dir() built by this model over the files in `folder`."""
-    from koclip.errors import IndexFileError
-    from koclip.index import load_index, scan_images
-
     root = embeddings_dir()
     if not root.is_dir():
         return None
@@ -359,10 +335,6 @@ def gallery_index(engine: Engine, folder=None, *, progress: Callable[[int, int],
     files; one built earlier by the app in cache_dir(); else a new one, built
     now (`progress(done, total)` is called after each batch) and saved there.
     """
-    from koclip.data import gallery_dir
-    from koclip.errors import IndexFileError
-    from koclip.index import build_index, load_index, scan_images
-
     folder = Path(folder).expanduser() if folder else gallery_dir()
     if (folder / "meta.json").is_file():
         index = load_index(folder, engine.embedder)

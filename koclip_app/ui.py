@@ -12,10 +12,16 @@ import hashlib
 import logging
 import os
 
+import altair as alt
+import pandas as pd
 import streamlit as st
 
 from koclip import registry
-from koclip.errors import KoclipError
+from koclip.data import gallery as sample_photos
+from koclip.errors import FetchError, ImageError, KoclipError, OfflineError
+from koclip.fetch import fetch_url
+from koclip.images import open_image
+from koclip.patches import grid_positions
 from koclip_app import support
 
 log = logging.getLogger("koclip.app")
@@ -119,8 +125,6 @@ def engine() -> support.Engine:
 def guard(what: str):
     """Shows a KoclipError's message, and any other error as a friendly message plus a log
     line, instead of a traceback.  Streamlit's own rerun/stop signals pass through (BaseException)."""
-    from koclip.errors import FetchError, ImageError, OfflineError
-
     try:
         yield
     except KoclipError as e:
@@ -139,15 +143,11 @@ def guard(what: str):
 
 @st.cache_resource(show_spinner=False, max_entries=64)
 def _sample(path: str):
-    from koclip.images import open_image
-
     return open_image(path)
 
 
 @st.cache_data(show_spinner=False, ttl=600, max_entries=32)
 def _fetch(url: str) -> bytes:
-    from koclip.fetch import fetch_url
-
     return fetch_url(url)
 
 
@@ -159,12 +159,9 @@ def image_input(key: str, default_sample: str = "cat_chelsea.jpg", preview: bool
     Raises ImageError / FetchError (shown by `guard`) for files that are not images, too
     large, corrupt, or URLs that are refused.
     """
-    from koclip.data import gallery
-    from koclip.images import open_image
-
     source = st.radio("이미지 / Image", SOURCES, horizontal=True, key=f"{key}_source")
     if source == SOURCES[0]:
-        photos = gallery()
+        photos = sample_photos()
         names = [p.path.name for p in photos]
         choice = st.selectbox(
             "샘플 사진 / Sample photo", names, key=f"{key}_sample",
@@ -217,9 +214,6 @@ def _browser_can_show(data) -> bool:
 
 def score_chart(ranked, softmax: bool) -> None:
     """Labels best first as a horizontal bar chart with the value on each bar, plus a text line."""
-    import altair as alt
-    import pandas as pd
-
     if softmax:
         values = [f"{r.score * 100:.1f}%" if r.score >= 0.0005 else "<0.1%" for r in ranked]
         axis = alt.X("score:Q", title="확률 / probability", scale=alt.Scale(domain=[0, 1]),
@@ -256,10 +250,6 @@ def gallery(engine: support.Engine, folder: str | None):
 
 def patch_table(ranked):
     """rank_patches' output -> a table: rank, row, column, score, box."""
-    import pandas as pd
-
-    from koclip.patches import grid_positions
-
     pos = grid_positions(ranked)
     return pd.DataFrame({"순위 / rank": [p.rank for p in ranked],
                          "행 / row": [r for r, _ in pos], "열 / column": [c for _, c in pos],
@@ -268,8 +258,6 @@ def patch_table(ranked):
 
 
 def cell_name(patch, ranked) -> str:
-    from koclip.patches import grid_positions
-
     row, col = grid_positions([patch, *ranked])[0]
     return f"{row}행 {col}열 / row {row}, column {col}"
 

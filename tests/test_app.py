@@ -137,21 +137,17 @@ def test_fewer_than_two_distinct_labels_are_refused():
         support.prepare_labels("고양이\n고양이\n")
 
 
-def test_text_embeddings_are_computed_once_per_text(tiny_engine):
+def test_text_embeddings_are_computed_once_per_text(tiny_engine, monkeypatch):
     seen = []
-    real = tiny_engine.processor
+    real = tiny_engine.embedder.encode_texts
 
-    class Spy:
-        def __call__(self, text=None, images=None):
-            seen.extend(text)
-            return real(text=text)
+    def spy(texts, *args, **kw):
+        seen.extend(texts)
+        return real(texts, *args, **kw)
 
-    tiny_engine.processor = Spy()
-    try:
-        first = tiny_engine.texts(["사진 하나", "사진 둘"])
-        second = tiny_engine.texts(["사진 둘", "사진 셋", "사진 하나"])
-    finally:
-        tiny_engine.processor = real
+    monkeypatch.setattr(tiny_engine.embedder, "encode_texts", spy)
+    first = tiny_engine.texts(["사진 하나", "사진 둘"])
+    second = tiny_engine.texts(["사진 둘", "사진 셋", "사진 하나"])
     assert seen == ["사진 하나", "사진 둘", "사진 셋"]
     np.testing.assert_array_equal(second[0], first[1])
 
