@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from koclip.errors import CheckpointError
+from koclip.errors import ConfigError
 
 TEXT_KINDS = ("bert", "roberta")
 VISION_KINDS = ("clip", "vit", "efficientnet")
@@ -85,7 +85,7 @@ def efficientnet_variant(variant: str) -> EfficientNetConfig:
     try:
         return EFFICIENTNET_VARIANTS[variant]
     except KeyError:
-        raise CheckpointError(
+        raise ConfigError(
             f"unknown EfficientNet variant {variant!r}; valid: {', '.join(EFFICIENTNET_VARIANTS)}"
         ) from None
 
@@ -114,15 +114,15 @@ class TextConfig:
 
     def __post_init__(self):
         if self.kind not in TEXT_KINDS:
-            raise CheckpointError(f"unknown text tower kind {self.kind!r}; valid: {', '.join(TEXT_KINDS)}")
+            raise ConfigError(f"unknown text tower kind {self.kind!r}; valid: {', '.join(TEXT_KINDS)}")
         if self.pooling not in ("pooler", "mean", "cls"):
-            raise CheckpointError(f"unknown text pooling {self.pooling!r}; valid: pooler, mean, cls")
+            raise ConfigError(f"unknown text pooling {self.pooling!r}; valid: pooler, mean, cls")
         if not self.positions:
             object.__setattr__(self, "positions", "padding" if self.kind == "roberta" else "arange")
         if self.positions not in ("padding", "arange"):
-            raise CheckpointError(f"unknown text positions {self.positions!r}; valid: padding, arange")
+            raise ConfigError(f"unknown text positions {self.positions!r}; valid: padding, arange")
         if self.hidden_size % self.num_attention_heads:
-            raise CheckpointError(
+            raise ConfigError(
                 f"text hidden_size {self.hidden_size} is not divisible by "
                 f"num_attention_heads {self.num_attention_heads}")
 
@@ -136,7 +136,7 @@ class TextConfig:
         model_type = d.get("model_type", "bert")
         kind = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}.get(model_type)
         if kind is None:
-            raise CheckpointError(
+            raise ConfigError(
                 f"text model_type {model_type!r} is not supported; valid: bert, roberta, xlm-roberta")
         return cls(
             kind=kind,
@@ -190,10 +190,12 @@ class VisionConfig:
 
     def __post_init__(self):
         if self.kind not in VISION_KINDS:
-            raise CheckpointError(
+            raise ConfigError(
                 f"unknown vision tower kind {self.kind!r}; valid: {', '.join(VISION_KINDS)}")
-        if self.kind != "efficientnet" and self.image_size % self.patch_size:
-            raise CheckpointError(
+        if self.kind == "efficientnet":
+            efficientnet_variant(self.variant)  # an unknown variant fails here, not when the model is built
+        elif self.image_size % self.patch_size:
+            raise ConfigError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
 
     @property
@@ -225,7 +227,7 @@ class VisionConfig:
         if model_type == "efficientnet":
             return cls(kind="efficientnet", image_size=d.get("image_size", 224), patch_size=1,
                        variant=d.get("variant", "lite0"))
-        raise CheckpointError(
+        raise ConfigError(
             f"vision model_type {model_type!r} is not supported; "
             "valid: clip_vision_model, clip, vit, efficientnet")
 
@@ -271,16 +273,16 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.head not in ("linear", "affine", "conse"):
-            raise CheckpointError(f"unknown head {self.head!r}; valid: linear, affine, conse")
+            raise ConfigError(f"unknown head {self.head!r}; valid: linear, affine, conse")
         if self.head == "conse":
             if self.vision.kind != "efficientnet":
-                raise CheckpointError(f"head 'conse' needs an image tower with a classifier (efficientnet), "
+                raise ConfigError(f"head 'conse' needs an image tower with a classifier (efficientnet), "
                                       f"not {self.vision.kind!r}")
             if self.projection_dim != 2 * self.text.output_dim:
-                raise CheckpointError(f"head 'conse' needs projection_dim = 2 x text width = "
+                raise ConfigError(f"head 'conse' needs projection_dim = 2 x text width = "
                                       f"{2 * self.text.output_dim}, got {self.projection_dim}")
             if self.conse_top_k < 1:
-                raise CheckpointError(f"conse_top_k must be >= 1, got {self.conse_top_k}")
+                raise ConfigError(f"conse_top_k must be >= 1, got {self.conse_top_k}")
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -290,14 +292,14 @@ class ModelConfig:
         """Reads a `hybrid-clip`, `vision-text-dual-encoder` or koclip config.json dict."""
         model_type = d.get("model_type")
         if model_type not in ("hybrid-clip", "vision-text-dual-encoder", "koclip"):
-            raise CheckpointError(
+            raise ConfigError(
                 f"model_type {model_type!r} is not a dual encoder; "
                 "valid: hybrid-clip, vision-text-dual-encoder, koclip")
         try:
             text = TextConfig.from_hf(d["text_config"])
             vision = VisionConfig.from_hf(d["vision_config"])
         except KeyError as e:
-            raise CheckpointError(f"config.json lacks the key {e.args[0]!r}") from None
+            raise ConfigError(f"lacks the key {e.args[0]!r}, which a {model_type} config has") from None
         if model_type == "hybrid-clip" and "koclip_positions" not in d["text_config"]:
             # hybrid-clip's Flax code passed positions 0..L-1 to every text tower, RoBERTa included,
             # and KoCLIP was trained and run that way.

@@ -18,6 +18,12 @@ class UnknownModelError(KoclipError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ConfigError(KoclipError):
+    """A configuration value that is not valid: an unknown kind or name, sizes that do not fit,
+    a training config file or override.  Where the value was read from a checkpoint's
+    config.json, the reader raises CheckpointError naming the file instead."""
+
+
 class CheckpointError(KoclipError):
     """A checkpoint file that is missing, corrupt, truncated or does not fit its config."""
 

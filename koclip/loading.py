@@ -55,7 +55,7 @@ def load(name: str = "koclip-mini", *, revision: str | None = None, precision: s
         raise registry.unknown(name)
     directory = hub.resolve(source, revision=revision, label=name)
     raw = checkpoints.read_config(directory)
-    config = ModelConfig.from_hf(raw, **overrides)
+    config = checkpoints.dual_encoder_config(directory, raw, **overrides)
     model = load_dual_encoder(directory, config, raw)
     processor = Processor.for_config(config, tokenizer_for(config, directory))
     _finish(model, name, source, str(directory), t0)
@@ -113,7 +113,7 @@ def load_dual_encoder(directory, config: ModelConfig | None = None, raw: dict | 
     config.json when the caller has read it already.
     """
     raw = raw if raw is not None else checkpoints.read_config(directory)
-    config = config or ModelConfig.from_hf(raw)
+    config = config or checkpoints.dual_encoder_config(directory, raw)
     model = nnx.eval_shape(lambda: KoCLIP(config, rngs=nnx.Rngs(0)))  # shapes only: no memory yet
     tensors, source = checkpoints.dual_encoder_tensors(directory, raw, config, param_shapes(model))
     assign(model, tensors, source)

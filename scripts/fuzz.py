@@ -11,7 +11,7 @@ Needs atheris (requirements-bench.txt); not part of `make test`.  Targets:
   msgpack      flax_model.msgpack -> koclip.formats.checkpoints.read_tensors, every tensor
   safetensors  model.safetensors  -> read_tensors, every tensor
   torch        pytorch_model.bin (zip or legacy) -> read_tensors (the restricted unpickler)
-  config       config.json -> checkpoints.read_config, ModelConfig.from_hf, tower_config
+  config       config.json -> checkpoints.read_config, dual_encoder_config, tower_config
   fetch        an HTTP response (status line, headers, body) -> koclip.fetch.fetch_url,
                served from 127.0.0.1 only: every connection fetch_url makes, whatever host a
                redirect names, is sent to the local server
@@ -356,13 +356,12 @@ class Target:
         self._read(data, "pytorch_model.bin")
 
     def _run_config(self, data):
-        from koclip.config import ModelConfig
         from koclip.formats import checkpoints
 
         (self.dir / "config.json").write_bytes(data)
         raw = checkpoints.read_config(self.dir)
         if isinstance(raw, dict) and raw.get("model_type") in ("hybrid-clip", "vision-text-dual-encoder", "koclip"):
-            ModelConfig.from_hf(raw)
+            checkpoints.dual_encoder_config(self.dir, raw)
         else:
             checkpoints.tower_config(self.dir)
 

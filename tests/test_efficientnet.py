@@ -18,7 +18,7 @@ from flax import nnx
 from PIL import Image
 
 from koclip.config import EFFICIENTNET_LITE0, EFFICIENTNET_TINY, efficientnet_variant
-from koclip.errors import CheckpointError
+from koclip.errors import CheckpointError, ConfigError
 from koclip.images import preprocess
 from koclip.towers import efficientnet as E
 from numerics import reduction_rtol
@@ -128,7 +128,7 @@ def test_mis_shaped_weight_raises_checkpoint_error_with_both_shapes():
 
 
 def test_unknown_variant_lists_valid_ones():
-    with pytest.raises(CheckpointError, match="lite0"):
+    with pytest.raises(ConfigError, match="'b0'; valid: lite0, tiny"):
         efficientnet_variant("b0")
 
 

@@ -94,9 +94,18 @@ def test_unknown_model_type_lists_the_valid_ones(parity_copy):
     with pytest.raises(CheckpointError) as e:
         koclip.load(str(d))
     msg = str(e.value)
-    assert "clip-but-different" in msg
+    assert msg.startswith(f"{d / 'config.json'}: ") and "clip-but-different" in msg
     for valid in ("hybrid-clip", "vision-text-dual-encoder", "koclip"):
         assert valid in msg
+
+
+def test_config_json_value_the_config_refuses_is_a_checkpoint_error_naming_the_file(parity_copy):
+    # koclip.config raises ConfigError; read from a checkpoint, the same value is the file's fault.
+    d = parity_copy("dual_clip_safetensors")
+    edit_config(d, lambda c: c["text_config"].update(num_attention_heads=5))
+    with pytest.raises(CheckpointError, match=re.escape(f"{d / 'config.json'}: text hidden_size 32 is not "
+                                                        "divisible by num_attention_heads 5")):
+        koclip.load(str(d))
 
 
 def test_unknown_registry_name_lists_the_valid_names():

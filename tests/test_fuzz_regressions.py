@@ -21,7 +21,6 @@ import pytest
 from PIL import Image
 
 from koclip import images
-from koclip.config import ModelConfig
 from koclip.errors import CheckpointError, FetchError, IndexFileError
 from koclip.fetch import fetch_url
 from koclip.formats import checkpoints
@@ -267,7 +266,7 @@ def parse_config(directory):
     """What koclip.load (a dual encoder) or from_towers (a tower) makes of a config.json."""
     raw = checkpoints.read_config(directory)
     if raw.get("model_type") in ("hybrid-clip", "vision-text-dual-encoder", "koclip"):
-        return ModelConfig.from_hf(raw)
+        return checkpoints.dual_encoder_config(directory, raw)
     return checkpoints.tower_config(directory)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from koclip.config import ModelConfig
-from koclip.errors import CheckpointError
+from koclip.errors import ConfigError
 from koclip.mini import build, heads
 from numerics import U32, reduction_rtol, unit_norm_atol
 
@@ -89,9 +89,9 @@ def test_conse_head_config_round_trips_and_is_checked():
     config = build.base_config(conse_top_k=7)
     again = ModelConfig.from_hf(json.loads(json.dumps(config.to_hf())))
     assert again == config
-    with pytest.raises(CheckpointError, match="projection_dim"):
+    with pytest.raises(ConfigError, match="projection_dim"):
         config.replace(projection_dim=512)
-    with pytest.raises(CheckpointError, match="classifier"):
+    with pytest.raises(ConfigError, match="classifier"):
         ModelConfig(head="conse", projection_dim=2048)
 
 

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from koclip.config import ModelConfig, TextConfig, VisionConfig
-from koclip.errors import CheckpointError
+from koclip.errors import CheckpointError, ConfigError
 from koclip.formats import INDEX_FILES, WEIGHT_FILES, flax_msgpack, safetensors_io
 from koclip.formats.convert import flat_params, rename, torch_to_flax_names
 from koclip.formats.torch_zip import read_torch_state_dict
@@ -254,10 +254,21 @@ def tower_config(directory) -> TextConfig | VisionConfig:
             return VisionConfig.from_hf(raw)
     except KeyError as e:
         raise CheckpointError(f"{path}: lacks the key {e.args[0]!r}, which a {mt} config has") from None
-    except CheckpointError as e:  # koclip.config names the value; add the file
-        raise CheckpointError(f"{path}: {e}") from None
+    except ConfigError as e:  # koclip.config names the value; add the file
+        raise CheckpointError(f"{path}: {e}") from e
     raise CheckpointError(f"{path}: model_type {mt!r} is not a tower; "
                           "valid: bert, roberta, xlm-roberta, clip, clip_vision_model, vit")
+
+
+def dual_encoder_config(directory, raw: dict | None = None, **overrides) -> ModelConfig:
+    """The ModelConfig of a dual-encoder checkpoint directory (hybrid-clip, vision-text-dual-encoder,
+    koclip).  raw: its config.json when the caller has read it already; overrides: ModelConfig
+    fields to set.  A value koclip.config refuses is a CheckpointError naming the file."""
+    raw = raw if raw is not None else read_config(directory)
+    try:
+        return ModelConfig.from_hf(raw, **overrides)
+    except ConfigError as e:  # koclip.config names the value; add the file
+        raise CheckpointError(f"{Path(directory) / 'config.json'}: {e}") from e
 
 
 def save(model, directory, tokenizer=None) -> Path:

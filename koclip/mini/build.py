@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from koclip.config import ModelConfig, TextConfig, VisionConfig, efficientnet_variant
-from koclip.errors import CheckpointError
+from koclip.errors import CheckpointError, ConfigError
 from koclip.formats import safetensors_io
 from koclip.formats.convert import assign, flat_params, param_shapes, torch_to_flax_names
 from koclip.formats.safetensors_io import iter_tensors
@@ -104,6 +104,8 @@ def mini_config(spec: dict | None = None) -> ModelConfig:
         return ModelConfig.from_hf((spec or read_spec())["config"])
     except KeyError:
         raise CheckpointError(f"{CONFIG_FILE}: has no 'config'; run scripts/train_mini.py") from None
+    except ConfigError as e:  # koclip.config names the value; add the file
+        raise CheckpointError(f"{CONFIG_FILE}: {e}") from e
 
 
 # --------------------------------------------------------------- sources

@@ -16,17 +16,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from koclip.errors import KoclipError
+from koclip.errors import ConfigError
 from koclip.processing import KOREAN_TEMPLATES
 
 LOSSES = ("clip", "siglip")
 SCHEDULES = ("cosine", "linear", "constant")
 FEATURE_MODES = ("none", "image", "text", "both")
 DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(KoclipError):
-    """A config file or override that is not valid."""
 
 
 @dataclass(frozen=True)
