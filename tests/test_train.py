@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -327,6 +328,15 @@ def test_prefetched_batches_equal_batches_built_one_by_one(data):
             np.testing.assert_array_equal(got[k], want[k])
     assert {v.shape for s in streamed for k, v in s.items() if k == "pixel_values"} == {(8, 32, 32, 3)}
     assert {v.shape for s in streamed for k, v in s.items() if k == "input_ids"} == {(8, 16)}
+
+
+def test_closing_the_batch_stream_early_stops_its_decoding_threads(data):
+    b = _batches(data["train"], data["tokenizer"], num_workers=2, prefetch=2)
+    assert b.steps_per_epoch > 3
+    stream = b(0)
+    next(stream)
+    stream.close()  # what a run stopping mid-epoch does (or garbage collection, for a dropped stream)
+    assert not [t for t in threading.enumerate() if t.name.startswith("koclip-data")]
 
 
 def test_undecodable_image_is_masked_counted_and_skipped(tmp_path, data):

@@ -15,14 +15,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
 from koclip.errors import KoclipError
 from koclip.images import preprocess
+from koclip.prefetch import prefetched
 
 log = logging.getLogger(__name__)
 
@@ -144,24 +144,11 @@ class Batches:
             return 0.0, False
 
     def __call__(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Batches `start`, `start`+1, ... of `epoch`, decoded `prefetch` batches ahead."""
-        order, choice = self.order(epoch), self.caption_choice(epoch)
-        steps = iter(range(start, self.steps_per_epoch))
-        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="koclip-data")
-        pending: deque = deque()
-        try:
-            for s in steps:
-                pending.append(pool.submit(self.batch, epoch, s, _order=order, _choice=choice))
-                if len(pending) >= self.prefetch:
-                    break
-            while pending:
-                batch = pending.popleft().result()
-                nxt = next(steps, None)
-                if nxt is not None:
-                    pending.append(pool.submit(self.batch, epoch, nxt, _order=order, _choice=choice))
-                yield batch
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        """Batches `start`, `start`+1, ... of `epoch`, decoded `prefetch` batches ahead on
+        `num_workers` threads; closing the iterator early cancels the rest and joins the threads."""
+        build = partial(self.batch, epoch, _order=self.order(epoch), _choice=self.caption_choice(epoch))
+        return prefetched(build, range(start, self.steps_per_epoch), workers=self.num_workers,
+                          ahead=self.prefetch, name="koclip-data")
 
 
 def split_holdout(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
