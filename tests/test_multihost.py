@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from koclip.train.writers import read_metrics
 from numerics import assert_trees_close, reduction_rtol
-from test_train import data, make_data, run_env  # noqa: F401 (data, run_env: module fixtures, one per module)
+from test_train import data, make_data, read_metrics, run_env  # noqa: F401 (data, run_env: module fixtures, one per module)
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 600  # seconds for any one run (a cold compilation cache on two busy cores takes ~4 min)

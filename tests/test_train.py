@@ -555,6 +555,14 @@ def uninterrupted(tmp_path_factory, data, run_env):
     return workdir
 
 
+def read_metrics(workdir) -> list[dict]:
+    """The rows of WORKDIR/metrics.jsonl (koclip.train.writers.MetricWriter), in order."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def _final_weights(workdir):
     from safetensors.numpy import load_file
 
@@ -606,8 +614,6 @@ def test_exported_model_loads_with_koclip_load(uninterrupted):
 
 
 def test_run_logs_validation_recall_as_jsonl_and_tensorboard(uninterrupted):
-    from koclip.train.writers import read_metrics
-
     rows = read_metrics(uninterrupted)
     train_rows = [r for r in rows if "loss" in r]
     val_rows = [r for r in rows if "val_loss" in r]

@@ -44,10 +44,3 @@ class MetricWriter:
             self._tb.close()
             self._tb = None
 
-
-def read_metrics(workdir) -> list[dict]:
-    """The rows of WORKDIR/metrics.jsonl, in order."""
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
