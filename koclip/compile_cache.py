@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache as cc
 
 from koclip.files import cache_root
 
@@ -47,8 +48,6 @@ def enable(path: str | os.PathLike | None = None, *,
     Returns the cache directory.
     """
     global _enabled
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
     target = Path(path).expanduser() if path is not None else default_dir()
     with _lock:
         if _enabled == target and jax.config.jax_compilation_cache_dir == str(target):

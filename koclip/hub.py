@@ -61,6 +61,7 @@ def resolve(name: str, *, weights: bool = True, label: str | None = None,
         return p
     if not is_repo_id(name):
         raise CheckpointError(f"{name!r} is neither a local directory nor a hub repository id (owner/name)")
+    # Deferred: koclip-mini and local directories never need huggingface_hub or the HTTP stack it imports.
     import huggingface_hub as hf
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 

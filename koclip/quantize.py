@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from koclip import compile_cache
 from koclip.errors import KoclipError
 from koclip.towers.layers import to_patches
 
@@ -212,8 +213,6 @@ def quantize(model: nnx.Module, mode: str = "bf16", *, exclude: str | None = Non
     for path, new in swaps:
         _set_child(out, path, new)
     if not copy:
-        from koclip import compile_cache
-
         compile_cache.forget(out)
     return out
 

@@ -23,6 +23,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from koclip import hub
 from koclip.errors import CheckpointError
 
@@ -64,10 +66,6 @@ class FastTokenizer:
     def from_directory(cls, directory: str | os.PathLike) -> FastTokenizer:
         """Reads `tokenizer.json`, and the special tokens and maximum length from
         `tokenizer_config.json` when it is there."""
-        from tokenizers import Tokenizer
-
-        from koclip.errors import CheckpointError
-
         directory = Path(directory)
         try:
             backend = Tokenizer.from_file(str(directory / "tokenizer.json"))

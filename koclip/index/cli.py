@@ -16,14 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 
+import koclip
 from koclip import index as kidx
 from koclip.errors import IndexFileError, KoclipError
-
-
-def _embedder(name: str):
-    from koclip import load_embedder  # lazy: loading a model pulls in JAX
-
-    return load_embedder(name)
 
 
 def _print_report(report: kidx.BuildReport, limit: int = 20) -> None:
@@ -80,7 +75,7 @@ def _positive(text: str) -> int:
 
 def _build(args) -> int:
     report = kidx.build_index(
-        _embedder(args.model), args.images, args.out, batch_size=args.batch_size, shard=args.shard,
+        koclip.load_embedder(args.model), args.images, args.out, batch_size=args.batch_size, shard=args.shard,
         progress=not args.no_progress, num_workers=args.workers, dtype=args.dtype, faiss=_FAISS[args.faiss],
         lock_wait=args.wait)
     _print_report(report)
@@ -88,7 +83,7 @@ def _build(args) -> int:
 
 
 def _add(args) -> int:
-    report = kidx.add_images(args.index, _embedder(args.model), args.paths, batch_size=args.batch_size,
+    report = kidx.add_images(args.index, koclip.load_embedder(args.model), args.paths, batch_size=args.batch_size,
                              progress=not args.no_progress, num_workers=args.workers, lock_wait=args.wait)
     _print_report(report)
     return 0
@@ -127,8 +122,6 @@ def _info(args) -> int:
 
 
 def _search(args) -> int:
-    import koclip
-
     if any(not t.strip() for t in args.text):
         raise KoclipError("a search query is empty; give some words to search for, e.g. \"바닷가의 일몰\"")
     index = kidx.load_index(args.index)

@@ -242,6 +242,7 @@ def _npy_header(f) -> tuple[tuple, bool, np.dtype]:
 
 def _flat_index(dim: int, dtype: str):
     """An exact (brute-force) inner-product faiss index whose code bytes are the raw vectors."""
+    # Deferred: faiss loads on first use, not with koclip.index.
     import faiss
 
     if dtype == "float16":
@@ -256,6 +257,7 @@ def _read_vectors(path: Path, count: int, dim: int, dtype: str, expect: dict):
     Reads the file straight into the faiss index's storage (one copy in RAM),
     checking size, header and crc32 on the way.
     """
+    # Deferred: faiss loads on first use, not with koclip.index.
     import faiss
 
     size = path.stat().st_size

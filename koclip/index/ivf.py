@@ -41,6 +41,7 @@ def _build_ivf(flat, vectors: np.ndarray, *, nlist: int | None = None, target_re
     can come out a little lower: 0.951 for 0.96 calibrated, on 1M CLIP-like vectors).
     Returns (faiss index, params dict for meta.json).
     """
+    # Deferred: faiss loads on first use, not with koclip.index.
     import faiss
 
     t0 = time.perf_counter()

@@ -127,7 +127,7 @@ def _write_index(out: Path, *, model: str, fingerprint: str, dim: int, dtype: st
     index = Index(out, meta, {c: items[c] for c in _Records.COLUMNS}, flat, vectors)
     if faiss is True or (faiss == "auto" and count >= FAISS_THRESHOLD):
         ivf, params = _updated_ivf(ivf_from, new_rows, index) or _build_ivf(flat, vectors)
-        import faiss as _faiss
+        import faiss as _faiss  # deferred, like every faiss import here (`faiss` is the parameter)
 
         files["ivf"] = _write_data_file(out, "ivf", ".faiss", lambda p: _faiss.write_index(ivf, str(p)))
         meta["ivf"] = params

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from koclip.errors import ImageError
+from koclip.images import open_image
 from koclip.index.format import _normalise_rows, _Records
 from koclip.index.journal import _Journal
 from koclip.prefetch import prefetched
@@ -31,8 +33,6 @@ def _load_batch(embedder, files: Sequence[tuple[str, Path]], known: frozenset | 
     files: (key, absolute path).  Files whose sha256 is in `known` are not
     decoded, only listed as duplicates.
     """
-    from koclip.images import open_image
-
     records, images, failed, dups = _Records(), [], [], []
     for key, path in files:
         try:
@@ -67,8 +67,6 @@ def _embed_files(embedder, files: list[tuple[str, Path]], journal: _Journal, *, 
     batches are committed every `checkpoint_every` images or 30 s, and also when an
     exception (or Ctrl-C) stops the run, so resuming redoes nothing that finished.
     """
-    from tqdm.auto import tqdm
-
     todo = [f for f in files if f[0] not in done]
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     bar = tqdm(total=len(files), initial=len(files) - len(todo), unit="img", desc="embedding",

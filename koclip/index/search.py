@@ -73,6 +73,7 @@ def _one_thread_if(condition: bool):
     if not condition:
         yield
         return
+    # Deferred: faiss loads on first use, not with koclip.index.
     import faiss
 
     before = faiss.omp_get_max_threads()
@@ -191,6 +192,7 @@ class Index:
         """The IVF index: cached, else read from disk (checked), else built now and saved if possible."""
         if self._ivf is not None:
             return self._ivf
+        # Deferred: faiss loads on first use, not with koclip.index.
         import faiss
 
         entry = self.meta["files"].get("ivf")

@@ -38,6 +38,7 @@ import struct
 import tempfile
 
 import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from koclip.errors import CheckpointError
 
@@ -148,7 +149,7 @@ def e5_tokenizer(path: str | os.PathLike | None = None):
     the published tokenizer recomposes decomposed Hangul (NFD, as in macOS
     file names): NFC-normalise such text first.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    # Deferred: transformers takes most of a second to import (koclip.tokenizer); only this wrapper needs it.
     from transformers import PreTrainedTokenizerFast
 
     path = os.fspath(path) if path is not None else default_path()

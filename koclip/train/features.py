@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from koclip.fingerprint import weights_digest
 from koclip.train import parallel
@@ -51,8 +52,6 @@ def _save_npz(path: Path, **arrays) -> None:
 
 def _run_tower(fn, state, batches, total: int, n: int, mesh, progress: bool, desc: str):
     """Runs `fn(state, **arrays)` over `batches` (dicts with `valid`); returns the first n rows."""
-    from tqdm import tqdm
-
     outs, oks = [], []
     for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
         arrays = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items() if k != "valid"}

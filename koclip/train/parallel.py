@@ -20,6 +20,7 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,6 @@ def to_host(tree):
             return np.asarray(jax.device_get(x))
         if x.is_fully_replicated:
             return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(one, tree)
@@ -127,8 +126,6 @@ def from_process_0(tree):
 
     Collective: every process passes a tree of the same structure, shapes and dtypes
     (the values of the others are ignored).  One process: `tree` itself, as numpy."""
-    from jax.experimental import multihost_utils
-
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
     out = multihost_utils.broadcast_one_to_all(tree)

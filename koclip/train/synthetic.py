@@ -13,6 +13,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers.processors import TemplateProcessing
 
 COLOURS = {"빨간": (220, 40, 40), "파란": (40, 70, 220), "초록": (40, 170, 70), "노란": (230, 200, 30)}
 SHAPES = ("원", "네모", "세모")
@@ -23,8 +26,6 @@ def captions(colour: str, shape: str) -> list[str]:
 
 
 def _draw(colour, shape: str, size: int, rng: np.random.Generator):
-    from PIL import Image, ImageDraw
-
     im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3)))
     d = ImageDraw.Draw(im)
     r = int(rng.integers(size // 4, size // 2 - 1))
@@ -41,8 +42,7 @@ def _draw(colour, shape: str, size: int, rng: np.random.Generator):
 
 def char_tokenizer(texts):
     """A character-level `PreTrainedTokenizerFast` over the characters of `texts` (<s>=0, <pad>=1, </s>=2)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from tokenizers.processors import TemplateProcessing
+    # Deferred: transformers takes most of a second to import (koclip.tokenizer); only this tokenizer needs it.
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}

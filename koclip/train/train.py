@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from koclip.config import TINY
 from koclip.errors import KoclipError
@@ -593,8 +594,6 @@ def train_and_evaluate(cfg: TrainConfig, workdir, *, model: KoCLIP | None = None
     every process, which a dead one never reaches, until its heartbeat timeout
     (100 s) aborts the process.
     """
-    from tqdm import tqdm
-
     # orbax and tensorstore take a second or more to import; only a run needs them.
     from koclip.train.checkpointing import Checkpointer
 

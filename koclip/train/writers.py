@@ -20,6 +20,7 @@ class MetricWriter:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
+                # Deferred: only a process that writes TensorBoard files loads tensorboardX (and protobuf).
                 from tensorboardX import SummaryWriter
 
                 self._tb = SummaryWriter(str(Path(workdir) / "tb"))
