@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from koclip.files import atomic_write
 from koclip.fingerprint import weights_digest
 from koclip.train import parallel
 from koclip.train.data import Batches, Tokenize
@@ -40,14 +39,7 @@ def _key(*parts) -> str:
 
 def _save_npz(path: Path, **arrays) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _run_tower(fn, state, batches, total: int, n: int, mesh, progress: bool, desc: str):

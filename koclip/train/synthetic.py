@@ -8,14 +8,14 @@ covering every caption, so a run needs nothing downloaded.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
+
+from koclip.files import atomic_write_text
 
 COLOURS = {"빨간": (220, 40, 40), "파란": (40, 70, 220), "초록": (40, 170, 70), "노란": (230, 200, 30)}
 SHAPES = ("원", "네모", "세모")
@@ -57,11 +57,7 @@ def char_tokenizer(texts):
 
 
 def _write_lines(path: Path, rows) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def make(folder, n: int, *, seed: int = 0, size: int = 32, val_fraction: float = 0.25) -> dict[str, Path]:
