@@ -221,3 +221,12 @@ def test_damaged_cache_is_detected_and_rebuilt(cache):
     assert status == "rebuilt: towers.safetensors is corrupt (checksum mismatch)"
     assert len(params) == 444
     build.check_file(towers, build.read_manifest(directory)["files"][build.TOWERS])  # the rebuilt file passes
+
+
+def test_the_converted_towers_live_in_koclips_one_cache_folder(monkeypatch, tmp_path):
+    # The same rule as every other koclip cache (koclip.files.cache_root): XDG_CACHE_HOME counts.
+    monkeypatch.delenv("KOCLIP_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert build.cache_dir() == tmp_path / "xdg" / "koclip" / "mini"
+    monkeypatch.setenv("KOCLIP_CACHE", str(tmp_path / "mine"))
+    assert build.cache_dir() == tmp_path / "mine" / "mini"

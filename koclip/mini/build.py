@@ -9,8 +9,8 @@ Only the heads fitted by `scripts/train_mini.py` are part of koclip:
 
 Converting the towers takes seconds (dequantising 250k x 384 embeddings,
 parsing a torch zip, building a 250k-piece tokenizer), so the converted
-weights and tokenizer are cached under `cache_root()` (`$KOCLIP_CACHE`, else
-`~/.cache/koclip`) in `mini/`:
+weights and tokenizer are cached under `koclip.files.cache_root()` (`$KOCLIP_CACHE`, else
+`$XDG_CACHE_HOME/koclip`, else `~/.cache/koclip`) in `mini/`:
 
     towers.safetensors   both towers, float32, koclip parameter names
     tokenizer.json, tokenizer_config.json
@@ -43,6 +43,7 @@ from flax import nnx
 
 from koclip.config import ModelConfig, TextConfig, VisionConfig, efficientnet_variant
 from koclip.errors import CheckpointError, ConfigError
+from koclip.files import atomic_write_bytes, cache_root
 from koclip.formats import safetensors_io
 from koclip.formats.convert import assign, flat_params, param_shapes, torch_to_flax_names
 from koclip.formats.safetensors_io import iter_tensors
@@ -66,12 +67,6 @@ TOWERS = "towers.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 24
-
-
-def cache_root() -> Path:
-    """koclip's cache folder: `$KOCLIP_CACHE` if set, else `~/.cache/koclip`."""
-    env = os.environ.get("KOCLIP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "koclip"
 
 
 def cache_dir(root: str | os.PathLike | None = None) -> Path:
@@ -182,19 +177,6 @@ def _crc32(data) -> int:
     return crc
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class StaleCache(Exception):
     """The cache entry is missing, from other sources or another format, or damaged (why: str(e)).
 
@@ -285,7 +267,7 @@ def write_cache(directory: Path, sources: dict[str, dict], params: dict[str, np.
     with tempfile.TemporaryDirectory(dir=directory, prefix=".tokenizer.") as tmp:
         tokenizer.save_pretrained(tmp)
         for name in TOKENIZER_FILES:
-            _write_atomic(directory / name, (Path(tmp) / name).read_bytes())
+            atomic_write_bytes(directory / name, (Path(tmp) / name).read_bytes())
     files = {}
     for name in (TOWERS, *TOKENIZER_FILES):
         path = directory / name
@@ -299,7 +281,7 @@ def write_cache(directory: Path, sources: dict[str, dict], params: dict[str, np.
 
 def _write_manifest(directory: Path, manifest: dict) -> None:
     try:
-        _write_atomic(directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+        atomic_write_bytes(directory / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     except OSError as e:
         log.warning("koclip-mini: cannot write %s (%s)", directory / MANIFEST, e)
 
