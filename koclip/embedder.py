@@ -4,10 +4,12 @@ This is what the index, the app and the evaluators use: `Embedder.encode_texts`
 and `Embedder.encode_images` take plain strings and PIL images and return
 L2-normalised float32 numpy arrays; `preprocess` / `encode_pixels` split the
 image path so that decoding can run on other threads (see koclip.index).
+Building one costs nothing: the fingerprint is computed when first read.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,8 +28,14 @@ class Embedder:
         self.processor = processor
         info = getattr(model, "load_info", None)
         self.name = name or (info.name if info else "koclip")
-        self.fingerprint = fingerprint(model, processor)
         self.dim = model.config.projection_dim
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """`koclip.fingerprint.fingerprint(model, processor)`, computed on first read and kept:
+        it reads every weight variable (about 0.1 s for koclip-mini on a CPU), which only an
+        index needs."""
+        return fingerprint(self.model, self.processor)
 
     def preprocess(self, images: Sequence) -> np.ndarray:
         return preprocess(list(images), self.processor.image_spec)

@@ -1,4 +1,5 @@
-"""The Embedder joins a loaded model to the index: build from a folder, search by text."""
+"""The Embedder: the one wrapper that encodes texts and images with a loaded model, and joins it to
+the index (build from a folder, search by text)."""
 
 import dataclasses
 
@@ -8,6 +9,7 @@ from flax import nnx
 from PIL import Image
 
 import koclip
+from koclip import embedder as embedder_lib
 from koclip import index as kidx
 from koclip.config import TINY
 from koclip.embedder import Embedder, fingerprint
@@ -22,6 +24,11 @@ def tiny_dir(tmp_path_factory):
     koclip.save(koclip.KoCLIP(TINY, rngs=nnx.Rngs(0)), d)
     write_tiny_tokenizer(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return koclip.load(str(tiny_dir))
 
 
 def test_load_embedder_encodes_texts_and_images_to_unit_vectors(tiny_dir):
@@ -87,3 +94,14 @@ def test_index_built_with_a_real_model_stores_its_vectors_and_ranks_by_them(tiny
     atol = stored_rtol + 2 * unit_norm_atol(d) + reduction_rtol(d, depth=2)
     np.testing.assert_allclose([h.score for h in hits], np.sort(direct @ q[0])[::-1][:3], rtol=0, atol=atol)
     assert [h.rank for h in hits] == [1, 2, 3]
+
+
+def test_building_an_embedder_leaves_the_fingerprint_until_it_is_read(tiny, monkeypatch):
+    model, processor = tiny
+    calls = []
+    monkeypatch.setattr(embedder_lib, "fingerprint", lambda m, p: calls.append(1) or fingerprint(m, p))
+    emb = Embedder(model, processor)
+    assert calls == []
+    assert emb.fingerprint == fingerprint(model, processor) and emb.fingerprint == emb.fingerprint
+    assert calls == [1]  # computed once, then kept
+
