@@ -1,10 +1,12 @@
 """A loaded model and its processor as one object with text and image entry points.
 
-This is what the index, the app and the evaluators use: `Embedder.encode_texts`
-and `Embedder.encode_images` take plain strings and PIL images and return
-L2-normalised float32 numpy arrays; `preprocess` / `encode_pixels` split the
-image path so that decoding can run on other threads (see koclip.index).
-Building one costs nothing: the fingerprint is computed when first read.
+This is the library's one wrapper around a model: the index, the patch ranker,
+the evaluators and the `koclip classify` command all encode through it.
+`Embedder.encode_texts` and `Embedder.encode_images` take plain strings and PIL
+images and return L2-normalised float32 numpy arrays; `preprocess` /
+`encode_pixels` split the image path so that decoding can run on other threads
+(see koclip.index).  Building one costs nothing: the fingerprint is computed
+when first read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from koclip.buckets import BATCH_BUCKETS, exact_chunks
 from koclip.fingerprint import fingerprint
 from koclip.images import preprocess
 from koclip.loading import load
@@ -38,21 +41,39 @@ class Embedder:
         return fingerprint(self.model, self.processor)
 
     def preprocess(self, images: Sequence) -> np.ndarray:
+        """Images (anything `koclip.images.open_image` takes) -> (n, size, size, 3) float32 pixels."""
         return preprocess(list(images), self.processor.image_spec)
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model.encode_image(pixels), dtype=np.float32)
+        """(n, size, size, 3) pixels -> (n, dim) float32, rows L2-normalised.
+
+        Encoded in chunks whose sizes are batch buckets (9 -> 8 + 1): the model would pad
+        9 rows to 16 and compute the 7 padding rows too.
+        """
+        out, start = [], 0
+        for size in exact_chunks(len(pixels), BATCH_BUCKETS):
+            out.append(np.asarray(self.model.encode_image(pixels[start:start + size]), np.float32))
+            start += size
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     def encode_images(self, images: Sequence) -> np.ndarray:
         """PIL images (or paths/bytes) -> (n, dim)."""
         return self.encode_pixels(self.processor.preprocess_images(list(images)))
 
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Strings -> (n, dim)."""
-        if not texts:
-            return np.zeros((0, self.dim), np.float32)
-        batch = self.processor.tokenize(list(texts))
-        return np.asarray(self.model.encode_text(batch["input_ids"], batch["attention_mask"]), dtype=np.float32)
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
+        """Strings -> (n, dim) float32, rows L2-normalised.
+
+        batch_size texts are tokenized together (padded to the longest of them) and encoded
+        at a time.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        texts = list(texts)
+        out = []
+        for lo in range(0, len(texts), batch_size):
+            tok = self.processor.tokenize(texts[lo:lo + batch_size])
+            out.append(np.asarray(self.model.encode_text(tok["input_ids"], tok["attention_mask"]), np.float32))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
 def load_embedder(name: str = "koclip-mini", **load_kw) -> Embedder:

@@ -11,9 +11,16 @@ from PIL import Image
 import koclip
 from koclip import embedder as embedder_lib
 from koclip import index as kidx
+from koclip import model as model_lib
 from koclip.config import TINY
 from koclip.embedder import Embedder, fingerprint
 from numerics import U16, reduction_rtol, unit_norm_atol
+
+# Rounding bounds of the tiny towers, relative to |z| = 1, when one input is encoded in another batch or
+# with other padding (see test_model: 30 chained reductions, the longest over 3 * 8 * 8 patch pixels in
+# the vision tower and the 37-wide MLP in the text tower).
+VISION_RTOL = reduction_rtol(3 * TINY.vision.patch_size ** 2, depth=30)
+TEXT_RTOL = reduction_rtol(TINY.text.intermediate_size, depth=30)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +36,22 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
     return koclip.load(str(tiny_dir))
+
+
+@pytest.fixture
+def rows_computed(monkeypatch):
+    """{"image": [...], "text": [...]}: the row count of every call of the model's compiled encoders,
+    padding included."""
+    seen = {"image": [], "text": []}
+    for kind in seen:
+        real = getattr(model_lib, f"_encode_{kind}_jit")
+
+        def record(model, first, *rest, real=real, kind=kind):
+            seen[kind].append(int(np.shape(first)[0]))
+            return real(model, first, *rest)
+
+        monkeypatch.setattr(model_lib, f"_encode_{kind}_jit", record)
+    return seen
 
 
 def test_load_embedder_encodes_texts_and_images_to_unit_vectors(tiny_dir):
@@ -80,9 +103,9 @@ def test_index_built_with_a_real_model_stores_its_vectors_and_ranks_by_them(tiny
     index = kidx.load_index(tmp_path / "photos.kidx", emb)
     assert sorted(index.paths) == [f"noise{i}.png" for i in range(6)]
     direct = emb.encode_images([Image.open(photos / p) for p in index.paths])
-    # One batch of 6 either way (build_index takes 32 at a time), padded to 8 by the same compiled
-    # encoder: the model's output is the same bits.  The index renormalises it (2 unit_norm_atol(d))
-    # and stores float16 (U16 relative; 2**-25 absolute for subnormals).
+    # One batch of 6 either way (build_index takes 32 at a time), encoded as chunks of 4 + 2 by the
+    # same compiled encoders: the model's output is the same bits.  The index renormalises it
+    # (2 unit_norm_atol(d)) and stores float16 (U16 relative; 2**-25 absolute for subnormals).
     d = TINY.projection_dim
     stored_rtol = U16 + 2 * unit_norm_atol(d)
     np.testing.assert_allclose(np.asarray(index.vectors, np.float32), direct, rtol=stored_rtol, atol=2.0 ** -25)
@@ -105,3 +128,40 @@ def test_building_an_embedder_leaves_the_fingerprint_until_it_is_read(tiny, monk
     assert emb.fingerprint == fingerprint(model, processor) and emb.fingerprint == emb.fingerprint
     assert calls == [1]  # computed once, then kept
 
+
+def test_encode_pixels_runs_batch_bucket_chunks_without_padding_rows(tiny, rows_computed):
+    model, processor = tiny
+    emb = Embedder(model, processor)
+    side = TINY.vision.image_size
+    pixels = np.random.default_rng(2).normal(size=(9, side, side, 3)).astype(np.float32)
+    z = emb.encode_pixels(pixels)
+    assert rows_computed["image"] == [8, 1]  # the model alone would pad 9 rows to 16
+    assert z.dtype == np.float32 and z.shape == (9, TINY.projection_dim)
+    alone = np.concatenate([emb.encode_pixels(pixels[i:i + 1]) for i in range(9)])
+    # Each image in a chunk of 8 (or 1) against alone: another batch split, each entry within VISION_RTOL.
+    np.testing.assert_allclose(z, alone, rtol=0, atol=VISION_RTOL)
+    assert emb.encode_pixels(pixels[:0]).shape == (0, TINY.projection_dim)
+
+
+def test_encode_texts_tokenizes_and_encodes_batch_size_texts_at_a_time(tiny, rows_computed):
+    model, processor = tiny
+    emb = Embedder(model, processor)
+    texts = ["이것은 고양이 이다", "a dog", "빨간 자동차", "사진", "a much longer caption of a dog in a park"]
+    z = emb.encode_texts(texts, batch_size=2)
+    assert rows_computed["text"] == [2, 2, 1]
+    assert z.dtype == np.float32 and z.shape == (5, TINY.projection_dim)
+    # All five in one batch, padded to the longest of the five: other padding and another batch split,
+    # each entry within TEXT_RTOL.
+    np.testing.assert_allclose(z, emb.encode_texts(texts), rtol=0, atol=TEXT_RTOL)
+    assert emb.encode_texts([], batch_size=2).shape == (0, TINY.projection_dim)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        emb.encode_texts(texts, batch_size=0)
+
+
+def test_exact_chunks_are_the_largest_buckets_that_fit():
+    from koclip.buckets import BATCH_BUCKETS, exact_chunks
+
+    assert exact_chunks(9, BATCH_BUCKETS) == [8, 1]
+    assert exact_chunks(70, BATCH_BUCKETS) == [32, 32, 4, 2]
+    assert exact_chunks(32, BATCH_BUCKETS) == [32] and exact_chunks(0, BATCH_BUCKETS) == []
+    assert exact_chunks(3, (4, 8)) == [3]  # below the smallest bucket: one chunk, padded by the model
