@@ -16,7 +16,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from koclip.buckets import BATCH_BUCKETS
+from koclip.embedder import Embedder
 from koclip.images import ImageSource, open_image, split_grid
 
 Box = tuple[int, int, int, int]
@@ -39,8 +39,8 @@ def rank_patches(model, processor, image: ImageSource, query: str | np.ndarray, 
                  cols: int) -> list[PatchScore]:
     """Scores each cell of a rows x cols grid over `image` against `query`.
 
-    model: a KoCLIP (or anything with `encode_image(pixels) -> (n, d)` and
-        `encode_text(ids, mask) -> (n, d)`, L2-normalised).
+    model: a KoCLIP (or anything with `config.projection_dim`, `encode_image(pixels) -> (n, d)`
+        and `encode_text(ids, mask) -> (n, d)`, L2-normalised); encoded through a koclip.Embedder.
     processor: its Processor.
     image: anything `open_image` takes.
     query: the text, or its (d,) embedding when the caller has it cached.
@@ -48,11 +48,11 @@ def rank_patches(model, processor, image: ImageSource, query: str | np.ndarray, 
     Returns rows*cols PatchScore, best first (ranks 1..rows*cols).
     """
     cells = split_grid(open_image(image), rows, cols)
-    pixels = processor.preprocess_images([crop for _, crop in cells])
-    zimg = _encode_exact(model, pixels)
+    embedder = Embedder(model, processor)
+    # The Embedder encodes 9 crops as 8 + 1 (batch buckets): the model alone would pad them to 16.
+    zimg = embedder.encode_images([crop for _, crop in cells])
     if isinstance(query, str):
-        batch = processor(text=[query])
-        ztxt = np.asarray(model.encode_text(batch["input_ids"], batch["attention_mask"]), np.float32)[0]
+        ztxt = embedder.encode_texts([query])[0]
     else:
         ztxt = np.asarray(query, np.float32).reshape(-1)
         if ztxt.shape[0] != zimg.shape[1]:
@@ -62,18 +62,6 @@ def rank_patches(model, processor, image: ImageSource, query: str | np.ndarray, 
     # Stable sort: ties keep reading order (top left first).
     order = np.argsort(-scores, kind="stable")
     return [PatchScore(cells[i][0], float(scores[i]), rank) for rank, i in enumerate(order, start=1)]
-
-
-def _encode_exact(model, pixels: np.ndarray) -> np.ndarray:
-    """encode_image over chunks whose sizes are batch buckets (9 -> 8 + 1), so no padding rows
-    are computed: the model would pad 9 crops to 16."""
-    out, start = [], 0
-    while start < len(pixels):
-        left = len(pixels) - start
-        size = max(b for b in BATCH_BUCKETS if b <= left) if left < BATCH_BUCKETS[-1] else BATCH_BUCKETS[-1]
-        out.append(np.asarray(model.encode_image(pixels[start:start + size]), np.float32))
-        start += size
-    return np.concatenate(out)
 
 
 def grid_positions(ranked: Sequence[PatchScore]) -> list[tuple[int, int]]:
