@@ -58,10 +58,8 @@ def _classify(args) -> int:
         print(f"koclip: ignored {len(dropped)} blank or repeated label(s): {', '.join(map(repr, dropped))}",
               file=sys.stderr)
     model, processor = koclip.load(args.model)
-    batch = processor(text=texts, images=[image])
-    zimg = np.asarray(model.encode_image(batch["pixel_values"]))
-    ztxt = np.asarray(model.encode_text(batch["input_ids"], batch["attention_mask"]))
-    probs = model.label_probabilities(zimg, ztxt)
+    embedder = koclip.Embedder(model, processor, name=args.model)
+    probs = model.label_probabilities(embedder.encode_images([image]), embedder.encode_texts(texts))
     for i in np.argsort(-probs[0]):
         print(f"{probs[0, i] * 100:6.2f}%  {labels[i]}")
     return 0
