@@ -220,3 +220,30 @@ def test_eval_retrieval_reports_recall_both_ways(tmp_path, tiny_model_dir, capsy
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["images"] == 3 and result["captions"] == 4
     assert result["i2t_R@10"] == 1.0 and result["t2i_R@10"] == 1.0
+
+
+def test_dataset_encoding_leaves_undecodable_images_out_and_encodes_the_rest_as_the_embedder(
+        tmp_path, tiny_model_dir):
+    from PIL import Image
+
+    import koclip
+    from koclip.config import TINY
+    from koclip.evaluation.datasets import CaptionDataset
+    from koclip.evaluation.encode import encode_images
+
+    rng = np.random.default_rng(5)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(paths[-1])
+    paths[2].write_bytes(b"not a png")
+    model, processor = koclip.load(str(tiny_model_dir))
+    ds = CaptionDataset([str(p) for p in paths], [("사진",)] * 5)
+    z, ok = encode_images(model, processor, ds, batch_size=3, num_workers=2)
+    assert ok.tolist() == [True, True, False, True, True]
+    assert z.dtype == np.float32 and z.shape == (5, TINY.projection_dim) and not z[2].any()
+    want = koclip.Embedder(model, processor).encode_images([paths[i] for i in (0, 1, 3, 4)])
+    # Decoded in chunks of 3 (2 good images in each) against one batch of 4: another batch split of the
+    # tiny vision tower, each entry within its bound (test_model.VISION_RTOL).
+    vision_rtol = reduction_rtol(3 * TINY.vision.patch_size ** 2, depth=30)
+    np.testing.assert_allclose(z[ok], want, rtol=0, atol=vision_rtol)
