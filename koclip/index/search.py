@@ -39,26 +39,33 @@ def load_index(path, embedder: ImageEmbedder | None = None) -> Index:
     mismatch.  The faiss IVF file, if any, is read on the first approximate search.
     """
     path = Path(path)
-    for attempt in range(2):
-        meta = _read_meta(path)
-        check_compatible(meta, embedder, path)
-        files = meta["files"]
-        try:
-            items = _read_items(path / files["items"]["name"], meta["count"], files["items"])
-            flat, vectors = _read_vectors(path / files["vectors"]["name"], meta["count"], meta["dim"],
-                                          meta["dtype"], files["vectors"])
-            return Index(path, meta, items, flat, vectors)
-        except FileNotFoundError as e:
-            # A writer may have committed a new version and deleted these files
-            # between our reading meta.json and opening them: read meta again once.
-            if attempt:
-                raise IndexFileError(f"index {path} lacks a data file that meta.json names: {e.filename}; "
-                                     "the index is incomplete, rebuild it") from None
-        except (KeyError, TypeError) as e:
-            raise IndexFileError(f"{path / 'meta.json'} lacks an entry for {e}; the metadata is corrupt") from None
-        except json.JSONDecodeError as e:
-            raise IndexFileError(f"items file of index {path} is not valid JSON ({e})") from None
-    raise AssertionError("unreachable")
+    try:
+        return _load_once(path, embedder)
+    except FileNotFoundError:
+        # A writer may have committed a new version and deleted these files
+        # between our reading meta.json and opening them: read meta again once.
+        pass
+    try:
+        return _load_once(path, embedder)
+    except FileNotFoundError as e:
+        raise IndexFileError(f"index {path} lacks a data file that meta.json names: {e.filename}; "
+                             "the index is incomplete, rebuild it") from None
+
+
+def _load_once(path: Path, embedder) -> Index:
+    """One read of meta.json and the files it names; FileNotFoundError passes through."""
+    meta = _read_meta(path)
+    check_compatible(meta, embedder, path)
+    files = meta["files"]
+    try:
+        items = _read_items(path / files["items"]["name"], meta["count"], files["items"])
+        flat, vectors = _read_vectors(path / files["vectors"]["name"], meta["count"], meta["dim"],
+                                      meta["dtype"], files["vectors"])
+        return Index(path, meta, items, flat, vectors)
+    except (KeyError, TypeError) as e:
+        raise IndexFileError(f"{path / 'meta.json'} lacks an entry for {e}; the metadata is corrupt") from None
+    except json.JSONDecodeError as e:
+        raise IndexFileError(f"items file of index {path} is not valid JSON ({e})") from None
 
 
 @contextlib.contextmanager
