@@ -255,6 +255,27 @@ def test_corrupt_items_file_is_reported(built):
         load_index(built)
 
 
+def test_a_data_file_gone_once_is_read_again_and_gone_twice_is_reported(built, monkeypatch):
+    # A writer's commit may delete the files that the meta.json just read names: read it again once.
+    from koclip.index import search
+
+    real, calls = search._read_items, []
+
+    def vanishing(path, *args, gone=1):
+        calls.append(path)
+        if len(calls) <= gone:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(search, "_read_items", vanishing)
+    assert load_index(built).count == 20 and len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(search, "_read_items", lambda path, *a: vanishing(path, *a, gone=2))
+    with pytest.raises(IndexFileError, match=r"lacks a data file that meta.json names: .*items"):
+        load_index(built)
+    assert len(calls) == 2
+
+
 def test_missing_index_says_so(tmp_path):
     with pytest.raises(IndexFileError, match="does not exist"):
         load_index(tmp_path / "nope.kidx")
