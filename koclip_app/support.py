@@ -64,7 +64,6 @@ class ModelChoice(NamedTuple):
 def hub_model_cached(name: str) -> bool:
     """True when the config, one weight file and the tokenizer of registry model `name` are in the
     local huggingface_hub cache, so it loads without the network."""
-
     preset = registry.get(name)
     if preset.source.startswith("builtin:"):
         return True
@@ -272,11 +271,6 @@ def load_engine(name: str) -> Engine:
 
 # ---------------------------------------------------------------- gallery indexes
 
-def cache_dir() -> Path:
-    """Where the app keeps indexes it builds: koclip's cache folder (koclip.files.cache_root)."""
-    return cache_root()
-
-
 def embeddings_dir() -> Path:
     """Precomputed indexes: $KOCLIP_EMBEDDINGS_DIR, else `embeddings/` in the working directory
     (where `streamlit run app.py` runs), else `embeddings/` of a source checkout of koclip."""
@@ -332,8 +326,8 @@ def gallery_index(engine: Engine, folder=None, *, progress: Callable[[int, int],
 
     Order of preference: a `.kidx` index path given as `folder` (loaded as is); a
     precomputed index under embeddings_dir() built by this model over the same
-    files; one built earlier by the app in cache_dir(); else a new one, built
-    now (`progress(done, total)` is called after each batch) and saved there.
+    files; one built earlier by the app in koclip's cache folder (koclip.files.cache_root);
+    else a new one, built now (`progress(done, total)` is called after each batch) and saved there.
     """
     folder = Path(folder).expanduser() if folder else gallery_dir()
     if (folder / "meta.json").is_file():
@@ -347,7 +341,7 @@ def gallery_index(engine: Engine, folder=None, *, progress: Callable[[int, int],
         index = _precomputed(engine, folder)
         if index is not None:
             return Gallery(index, folder, "precomputed")
-    out = cache_dir() / "indexes" / f"{_safe_name(engine.name)}-{engine.embedder.fingerprint}" \
+    out = cache_root() / "indexes" / f"{_safe_name(engine.name)}-{engine.embedder.fingerprint}" \
         / f"{_safe_name(str(folder))}.kidx"
     files = scan_images(folder)
     if not files:
@@ -401,6 +395,6 @@ class _Counting:
 
 __all__ = [
     "ModelChoice", "choose_default_model", "hub_model_cached", "model_options", "describe_source", "LRU",
-    "Ranked", "prepare_labels", "Engine", "load_engine", "cache_dir", "embeddings_dir",
+    "Ranked", "prepare_labels", "Engine", "load_engine", "embeddings_dir",
     "Gallery", "gallery_index",
 ]

@@ -44,4 +44,3 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
