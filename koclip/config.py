@@ -261,6 +261,16 @@ class ModelConfig:
     # blend of a ridge map and ConSE over the CNN's classes (koclip.mini.heads);
     # its joint space is twice the text width.
     head: str = "linear"
+    # Per-tower overrides of `head` ("" = as `head`): "linear", "affine", or "none" (the tower's pooled
+    # output is already in the joint space: SigLIP's towers end in their own heads).  M-CLIP pairs an
+    # affine text map with CLIP's bias-free visual projection.
+    text_head: str = ""
+    vision_head: str = ""
+    # How a model scores an image against a text: "softmax" (CLIP: exp(logit_scale) * cosine, a
+    # softmax over the texts) or "sigmoid" (SigLIP: exp(logit_scale) * cosine + logit_bias, each pair
+    # an independent probability).
+    scoring: str = "softmax"
+    logit_bias_init: float = 0.0
     # For head "conse": how many of the CNN's top classes make an image embedding.
     conse_top_k: int = 10
     # Name of a preprocessing preset in koclip.images.PRESETS.
@@ -272,8 +282,20 @@ class ModelConfig:
     text_prefix: str = ""
 
     def __post_init__(self):
-        if self.head not in ("linear", "affine", "conse"):
-            raise ConfigError(f"unknown head {self.head!r}; valid: linear, affine, conse")
+        if self.head not in ("linear", "affine", "conse", "none"):
+            raise ConfigError(f"unknown head {self.head!r}; valid: linear, affine, conse, none")
+        for key in ("text_head", "vision_head"):
+            value = getattr(self, key)
+            if value not in ("", "linear", "affine", "none"):
+                raise ConfigError(f"unknown {key} {value!r}; valid: linear, affine, none (or '' for head)")
+            if value and self.head == "conse":
+                raise ConfigError(f"{key} {value!r} cannot be combined with head 'conse'")
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ConfigError(f"unknown scoring {self.scoring!r}; valid: softmax, sigmoid")
+        for side, width in (("text", self.text.output_dim), ("vision", self.vision.output_dim)):
+            if self.tower_head(side) == "none" and width != self.projection_dim:
+                raise ConfigError(f"{side}_head 'none' needs the {side} tower's output width {width} to equal "
+                                  f"projection_dim {self.projection_dim}")
         if self.head == "conse":
             if self.vision.kind != "efficientnet":
                 raise ConfigError(f"head 'conse' needs an image tower with a classifier (efficientnet), "
@@ -286,6 +308,10 @@ class ModelConfig:
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
+
+    def tower_head(self, side: str) -> str:
+        """The head on `side` ("text" or "vision"): its own override, else `head`."""
+        return getattr(self, f"{side}_head") or self.head
 
     @classmethod
     def from_hf(cls, d: dict, **overrides: Any) -> ModelConfig:
@@ -311,7 +337,8 @@ class ModelConfig:
             logit_scale_init=d.get("logit_scale_init_value", math.log(1 / 0.07)),
         )
         koclip = d.get("koclip", {})
-        for key in ("head", "preprocess", "tokenizer", "max_length", "text_prefix", "conse_top_k"):
+        for key in ("head", "text_head", "vision_head", "scoring", "logit_bias_init", "preprocess", "tokenizer",
+                    "max_length", "text_prefix", "conse_top_k"):
             if key in koclip:
                 kw[key] = koclip[key]
         if "preprocess" not in koclip:
@@ -336,6 +363,10 @@ class ModelConfig:
         }
         if self.head == "conse":
             d["koclip"]["conse_top_k"] = self.conse_top_k
+        for key, default in (("text_head", ""), ("vision_head", ""), ("scoring", "softmax"),
+                             ("logit_bias_init", 0.0)):
+            if getattr(self, key) != default:  # written only when set, so older readers see no new keys
+                d["koclip"][key] = getattr(self, key)
         return d
 
 

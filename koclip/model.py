@@ -28,7 +28,7 @@ class KoCLIP(nnx.Module):
     `encode_image(pixel_values (n, H, W, 3) float32)` -> (n, projection_dim), L2-normalised.
     `encode_text(input_ids (n, seq) int32, attention_mask (n, seq))` -> (n, projection_dim), L2-normalised.
     `__call__(input_ids, attention_mask, pixel_values)` -> logits_per_image (n_images, n_texts),
-    scaled by exp(logit_scale).
+    scaled by exp(logit_scale) (plus logit_bias when `config.scoring` is "sigmoid").
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -40,13 +40,14 @@ class KoCLIP(nnx.Module):
             self.visual_projection = ImageHead(config.vision.output_dim, self.vision_model.config.num_classes,
                                                config.text.output_dim, config.conse_top_k)
         else:
-            bias = config.head == "affine"
-            init = nnx.initializers.normal(0.02)
-            self.text_projection = nnx.Linear(config.text.output_dim, config.projection_dim, use_bias=bias,
-                                              kernel_init=init, rngs=rngs)
-            self.visual_projection = nnx.Linear(config.vision.output_dim, config.projection_dim, use_bias=bias,
-                                                kernel_init=init, rngs=rngs)
+            self.text_projection = _projection(config.tower_head("text"), config.text.output_dim,
+                                               config.projection_dim, rngs)
+            self.visual_projection = _projection(config.tower_head("vision"), config.vision.output_dim,
+                                                 config.projection_dim, rngs)
         self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init, jnp.float32))
+        # SigLIP's learned bias, which turns a scaled cosine into a pair's own logit.
+        self.logit_bias = (nnx.Param(jnp.asarray(config.logit_bias_init, jnp.float32))
+                           if config.scoring == "sigmoid" else None)
 
     def image_features(self, pixel_values):
         """Projected, unnormalised image features (n, projection_dim)."""
@@ -58,12 +59,12 @@ class KoCLIP(nnx.Module):
         unnormalised.  For training on cached tower features (koclip.train)."""
         if self.config.head == "conse":  # the head also reads the CNN's class scores
             return self.visual_projection(pooled, self.vision_model.classify(pooled))
-        return self.visual_projection(pooled)
+        return pooled if self.visual_projection is None else self.visual_projection(pooled)
 
     def text_features(self, input_ids, attention_mask):
         """Projected, unnormalised text features (n, projection_dim)."""
         _, pooled = self.text_model(input_ids, attention_mask)
-        return self.text_projection(pooled)
+        return pooled if self.text_projection is None else self.text_projection(pooled)
 
     def encode_image(self, pixel_values):
         """(n, H, W, 3) pixels -> (n, projection_dim) L2-normalised embeddings.
@@ -82,23 +83,47 @@ class KoCLIP(nnx.Module):
         return _bucketed(_encode_text_jit, self, input_ids, attention_mask)
 
     def __call__(self, input_ids, attention_mask, pixel_values):
+        """logits_per_image (n_images, n_texts): the model's own logits, exp(logit_scale) * cosine,
+        plus logit_bias for sigmoid-scored models (SigLIP)."""
         zimg = self.encode_image(pixel_values)
         ztxt = self.encode_text(input_ids, attention_mask)
-        return jnp.exp(self.logit_scale[...]) * zimg @ ztxt.T
+        logits = jnp.exp(self.logit_scale[...]) * zimg @ ztxt.T
+        return logits if self.logit_bias is None else logits + self.logit_bias[...]
+
+    @property
+    def scoring(self) -> str:
+        """"softmax" (CLIP-style: label scores compete) or "sigmoid" (SigLIP: each is independent)."""
+        return self.config.scoring
 
     def label_scale(self) -> float:
-        """The factor zero-shot scores put on a cosine: exp(logit_scale), at most MAX_LOGIT_SCALE."""
-        return min(float(np.exp(np.asarray(self.logit_scale[...], np.float64))), MAX_LOGIT_SCALE)
+        """The factor zero-shot scores put on a cosine: exp(logit_scale), for softmax-scored models at
+        most MAX_LOGIT_SCALE (CLIP's own ceiling)."""
+        scale = float(np.exp(np.asarray(self.logit_scale[...], np.float64)))
+        return scale if self.scoring == "sigmoid" else min(scale, MAX_LOGIT_SCALE)
 
     def label_probabilities(self, zimg, ztxt) -> np.ndarray:
-        """Zero-shot scores: for each image, a softmax over the labels of label_scale() * cosine.
+        """Zero-shot scores of each image (rows) for each label (columns), float64 (n, m), from
+        L2-normalised zimg (n, d) and ztxt (m, d).
 
-        zimg (n, d) and ztxt (m, d), L2-normalised -> (n, m) float64, each row summing to 1.
+        softmax scoring: a softmax over the labels of label_scale() * cosine (each row sums to 1).
+        sigmoid scoring: sigmoid(label_scale() * cosine + logit_bias), each label on its own (a row
+        need not sum to 1: none of the labels, or several, may fit).
         The CLI and the app both score labels with this, so they print the same percentages.
         """
         logits = self.label_scale() * (np.asarray(zimg, np.float64) @ np.asarray(ztxt, np.float64).T)
+        if self.scoring == "sigmoid":
+            logits = logits + float(np.asarray(self.logit_bias[...], np.float64))
+            return 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid, without overflow for large |logits|
         p = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return p / p.sum(axis=-1, keepdims=True)
+
+
+def _projection(head: str, n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear | None:
+    """A tower's projection into the joint space: bias-free ("linear"), with a bias ("affine"),
+    or none (the tower's output is already in it)."""
+    if head == "none":
+        return None
+    return nnx.Linear(n_in, n_out, use_bias=head == "affine", kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
 def _pad_rows(x, n: int):

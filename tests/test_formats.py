@@ -185,3 +185,23 @@ def test_save_refuses_a_quantised_model(tmp_path):
     with pytest.raises(CheckpointError, match="bf16"):
         koclip.save(model, tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+def test_a_sigmoid_model_with_a_headless_tower_saves_and_loads_with_its_bias(tmp_path):
+    from flax import nnx
+    from tiny_tokenizer import write_tiny_tokenizer
+
+    from koclip.config import TINY
+    from koclip.formats.convert import flat_params
+
+    cfg = TINY.replace(projection_dim=TINY.vision.hidden_size, vision_head="none", text_head="affine",
+                       scoring="sigmoid")
+    model = koclip.KoCLIP(cfg, rngs=nnx.Rngs(0))
+    model.logit_bias[...] = np.float32(-3.5)
+    koclip.save(model, tmp_path / "m")
+    write_tiny_tokenizer(tmp_path / "m")
+    back, _ = koclip.load(str(tmp_path / "m"))
+    assert back.visual_projection is None and back.config.scoring == "sigmoid"
+    want, got = flat_params(model), flat_params(back)
+    assert set(want) == set(got) and "logit_bias" in got
+    assert all(np.array_equal(np.asarray(want[k]), np.asarray(got[k])) for k in want)

@@ -65,3 +65,40 @@ def test_the_cli_and_the_app_print_the_same_percentages(monkeypatch, capsys):
     moved = model.label_scale() * (2 * unit_norm_atol(model.config.projection_dim) * cos + U32)
     for r in ranked:
         assert printed[r.label] == pytest.approx(100 * r.score, abs=0.005 + 100 * 2 * r.score * moved + 1e-9)
+
+
+def _sigmoid_tiny(logit_scale: float, logit_bias: float) -> KoCLIP:
+    model = KoCLIP(TINY.replace(scoring="sigmoid"), rngs=nnx.Rngs(0))
+    model.logit_scale[...] = np.float32(logit_scale)
+    model.logit_bias[...] = np.float32(logit_bias)
+    return model
+
+
+def test_sigmoid_scores_are_each_labels_own_probability():
+    model = _sigmoid_tiny(math.log(4.0), -2.0)
+    zimg = np.array([[1.0, 0.0], [0.6, 0.8]])
+    ztxt = np.array([[1.0, 0.0], [0.0, 1.0]])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # Logits 4 * cosine - 2: image 0 (2, -2), image 1 (0.4, 1.2); a row does not sum to 1.
+    want = np.array([[sig(2.0), sig(-2.0)], [sig(0.4), sig(1.2)]])
+    # exp(float32 log 4) is 4 within 4 u log 4 absolute, times a cosine <= 1; -2 is exact in float32;
+    # sigmoid's slope is at most 1/4; float64 for the rest.
+    atol = 4 * U32 * math.log(4.0) / 4 + 8 * U64
+    np.testing.assert_allclose(model.label_probabilities(zimg, ztxt), want, rtol=0, atol=atol)
+
+
+def test_sigmoid_scale_is_not_capped_at_clips_ceiling():
+    # SigLIP's learned scale passes 100 (about 117 in google/siglip-base-patch16-224).
+    assert _sigmoid_tiny(math.log(117.0), -12.0).label_scale() > MAX_LOGIT_SCALE
+
+
+def test_sigmoid_model_logits_add_the_bias():
+    model = _sigmoid_tiny(math.log(4.0), -2.0)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2, TINY.text.vocab_size, (3, 7)).astype(np.int32)
+    mask = np.ones_like(ids)
+    pixels = rng.normal(size=(2, TINY.vision.image_size, TINY.vision.image_size, 3)).astype(np.float32)
+    cos = np.asarray(model.encode_image(pixels)) @ np.asarray(model.encode_text(ids, mask)).T
+    # float32: the scale within 4 u log 4 of 4, each cosine within ~d u of its float64 value.
+    np.testing.assert_allclose(np.asarray(model(ids, mask, pixels)), 4.0 * cos - 2.0, rtol=0,
+                               atol=64 * U32 * 4.0)

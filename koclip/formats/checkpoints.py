@@ -59,9 +59,9 @@ _POSITIVE_INTS = ("hidden_size", "num_attention_heads", "image_size", "patch_siz
                   "max_length", "conse_top_k")
 _COUNTS = ("vocab_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings",
            "type_vocab_size", "num_channels")
-_NUMBERS = ("layer_norm_eps", "logit_scale_init_value")
-_STRINGS = ("model_type", "hidden_act", "koclip_pooling", "koclip_positions", "variant", "head", "preprocess",
-            "tokenizer", "text_prefix")
+_NUMBERS = ("layer_norm_eps", "logit_scale_init_value", "logit_bias_init")
+_STRINGS = ("model_type", "hidden_act", "koclip_pooling", "koclip_positions", "variant", "head", "text_head",
+            "vision_head", "scoring", "preprocess", "tokenizer", "text_prefix")
 _SECTIONS = ("text_config", "vision_config", "koclip")
 
 
@@ -219,7 +219,7 @@ def dual_encoder_tensors(directory, raw: dict, config: ModelConfig, targets: dic
             yield from _to_targets(_drain(parts.pop(part)), _sub_targets(targets, part + "."), torch_layout, source,
                                    part + ".")
         for name, x in _drain(rest):
-            if name == "logit_scale":
+            if name in ("logit_scale", "logit_bias"):
                 yield name, np.asarray(x, np.float32).reshape(())
             elif not any(re.match(p, name) for p in _DROP_ALWAYS):
                 raise CheckpointError(f"{source}: unexpected tensor {name!r}")
