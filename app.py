@@ -34,11 +34,12 @@ with ui.page("introduction"):
         "*Cut a photo into a grid and find the cell that best matches a text.*")
 
     st.subheader("모델 / Models")
-    rows = ["| 이름 / name | 가중치 / weights | 설명 / description |", "|---|---|---|"]
+    rows = ["| 이름 / name | 가중치 / weights | 설명 / description | 라이선스 / licence |", "|---|---|---|---|"]
     for name in registry.available_models():
         p = registry.get(name)
-        where = "설치된 패키지, 오프라인 / installed packages, offline" if p.offline else f"허브 / hub `{p.source}`"
-        rows.append(f"| `{name}` | {where} | {p.description} |")
+        where = ("설치된 패키지, 오프라인 / installed packages, offline" if p.offline
+                 else "허브 / hub " + " + ".join(f"`{s}`" for s in p.sources))
+        rows.append(f"| `{name}` | {where} | {p.description} | {p.licence} |")
     st.markdown("\n".join(rows))
     st.caption("왼쪽 사이드바에서 모델을 고르세요. 허브에 연결할 수 없으면 koclip-mini가 기본입니다. / Pick a model "
                "in the sidebar; when the hub cannot be reached, koclip-mini is the default.")

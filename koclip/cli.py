@@ -27,8 +27,8 @@ def _models(args) -> int:
 
     for name in registry.available_models():
         p = registry.get(name)
-        where = "offline" if p.offline else p.source
-        print(f"{name:16s} {where:24s} {p.description}")
+        where = "offline" if p.offline else " + ".join(p.sources)
+        print(f"{name:16s} {p.description}\n{'':16s} weights: {where}; licence: {p.licence}")
     return 0
 
 

@@ -49,6 +49,8 @@ MIN_LABELS = 2
 MAX_LABELS = 64
 # Biggest folder the app embeds by itself; larger ones should be indexed with `koclip index build`.
 MAX_APP_GALLERY = 2000
+# A model's tokenizer is cached when one of these is: a tokenizers JSON, WordPiece vocabulary or SentencePiece model.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -71,12 +73,13 @@ def hub_model_cached(name: str) -> bool:
     def cached(repo: str, filename: str) -> bool:
         return isinstance(hf.try_to_load_from_cache(repo, filename), str)
 
-    repo = preset.source
-    if not cached(repo, "config.json") or not any(cached(repo, f) for f in WEIGHT_FILES):
+    def checkpoint_cached(repo: str) -> bool:
+        return cached(repo, "config.json") and any(cached(repo, f) for f in WEIGHT_FILES)
+
+    if not all(checkpoint_cached(repo) for repo in preset.sources):
         return False
-    tokenizer = dict(preset.overrides).get("tokenizer", repo)
-    return cached(repo, "tokenizer.json") or cached(tokenizer, "tokenizer.json") \
-        or cached(tokenizer, "vocab.txt")
+    tokenizer = dict(preset.overrides).get("tokenizer", preset.source)
+    return any(cached(repo, f) for repo in dict.fromkeys((preset.source, tokenizer)) for f in TOKENIZER_FILES)
 
 
 def choose_default_model(env=None, *, probe: Callable[[float], bool] | None = None,

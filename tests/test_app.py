@@ -226,6 +226,34 @@ def test_a_gallery_is_built_once_then_rebuilt_when_a_photo_is_added(tiny_engine,
     assert g.origin == "built" and g.index.count == 4
 
 
+def test_a_two_checkpoint_preset_is_cached_only_when_both_checkpoints_are(hf_cache, tmp_path):
+    # mclip-b32 takes its text tower from M-CLIP and its image tower from CLIP: both must be cached.
+    preset = koclip.registry.get("mclip-b32")
+
+    def snapshot(name, files):
+        d = tmp_path / name
+        d.mkdir()
+        for f in files:
+            (d / f).write_text("{}")
+        return d
+
+    hf_cache.put(preset.source, snapshot("text", ("config.json", "pytorch_model.bin", "sentencepiece.bpe.model")))
+    assert not support.hub_model_cached("mclip-b32")
+    hf_cache.put(preset.vision, snapshot("vision", ("config.json", "model.safetensors")))
+    assert support.hub_model_cached("mclip-b32")
+
+
+@pytest.mark.parametrize("files, cached", [(("config.json", "model.safetensors"), False),
+                                           (("config.json", "model.safetensors", "spiece.model"), True)])
+def test_a_sentencepiece_tokenizer_counts_as_cached(hf_cache, tmp_path, files, cached):
+    d = tmp_path / "msiglip"
+    d.mkdir()
+    for f in files:
+        (d / f).write_text("{}")
+    hf_cache.put("google/siglip-base-patch16-256-multilingual", d)
+    assert support.hub_model_cached("msiglip-base") is cached
+
+
 # ---------------------------------------------------------------- pages (tiny model)
 
 def test_intro_explains_the_models_prompting_and_local_use(app):
