@@ -4,6 +4,7 @@ Most page tests run a tiny random checkpoint written here (real code paths, mean
 scores); the tests that check real results use koclip-mini and skip while it cannot load.
 """
 
+import dataclasses
 import io
 import logging
 from pathlib import Path
@@ -36,6 +37,16 @@ def tiny_dir(tmp_path_factory):
     """A tiny random KoCLIP checkpoint with its tokenizer, loadable by koclip.load(dir)."""
     directory = tmp_path_factory.mktemp("tiny_ckpt")
     koclip.save(koclip.KoCLIP(TINY, rngs=nnx.Rngs(0)), directory)
+    write_tiny_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sigmoid_dir(tmp_path_factory):
+    """A tiny random checkpoint scored as SigLIP is: sigmoid(scale * cosine + bias) per label."""
+    directory = tmp_path_factory.mktemp("tiny_sigmoid")
+    config = dataclasses.replace(TINY, scoring="sigmoid", logit_bias_init=-1.5)
+    koclip.save(koclip.KoCLIP(config, rngs=nnx.Rngs(0)), directory)
     write_tiny_tokenizer(directory)
     return directory
 
@@ -265,6 +276,27 @@ def test_intro_explains_the_models_prompting_and_local_use(app):
         assert f"`{name}`" in text
     assert "이것은 {} 이다" in text and "English works for simple words" in text
     assert "streamlit run app.py" in text
+
+
+def test_image_to_text_shows_a_sigmoid_models_scores_as_independent_probabilities(app, sigmoid_dir):
+    at = upload(app("pages/image_to_text.py", model=sigmoid_dir), "cat.jpg", CAT.read_bytes(), "image/jpeg")
+    result = ranked_lines(at)
+    assert not at.exception
+    assert "sigmoid" in at.checkbox(key="i2t_softmax").label
+    notes = " ".join(c.value for c in at.main.caption)
+    assert "independent sigmoid probabilities" in notes and "Softmax over the labels" not in notes
+    # What the page shows is the library's sigmoid score of each label (to its shown 0.1%).
+    engine = support.load_engine(str(sigmoid_dir))
+    labels = [label for label, _ in result]
+    ranked = engine.classify(Image.open(CAT).convert("RGB"), labels)
+    expected = {r.label: r.score for r in ranked}
+    zimg = engine.image(Image.open(CAT).convert("RGB"))
+    ztxt = engine.label_vectors(labels, ["이것은 {} 이다"])
+    cosine = ztxt.astype(np.float64) @ zimg.astype(np.float64)  # the float64 arithmetic of label_probabilities
+    sig = 1 / (1 + np.exp(-(engine.model.label_scale() * cosine - 1.5)))
+    assert [expected[label] for label in labels] == pytest.approx(sig, rel=1e-9)
+    for label, shown in result:
+        assert float(shown.strip("<%")) == pytest.approx(expected[label] * 100, abs=0.05 + 1e-9)
 
 
 def test_image_to_text_ranks_every_label_of_an_uploaded_photo(app):
