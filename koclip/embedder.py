@@ -32,6 +32,7 @@ class Embedder:
         info = getattr(model, "load_info", None)
         self.name = name or (info.name if info else "koclip")
         self.dim = model.config.projection_dim
+        self.load_spec: dict | None = None  # set by load_embedder
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -79,4 +80,7 @@ class Embedder:
 def load_embedder(name: str = "koclip-mini", **load_kw) -> Embedder:
     """`koclip.load(name)` wrapped as an Embedder."""
     model, processor = load(name, **load_kw)
-    return Embedder(model, processor, name=name)
+    embedder = Embedder(model, processor, name=name)
+    # How to load the same model elsewhere (koclip.index.ray_engine's workers).
+    embedder.load_spec = {"name": name, **load_kw}
+    return embedder

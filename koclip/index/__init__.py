@@ -52,12 +52,12 @@ from koclip.index.files import IMAGE_EXTENSIONS, in_shard, parse_shard, scan_ima
 from koclip.index.format import DTYPES, LOCK_WAIT_SECONDS, ImageEmbedder, check_compatible
 from koclip.index.ivf import FAISS_THRESHOLD, default_nlist
 from koclip.index.ops import (
-    BuildReport, Removed, add_images, build_index, merge_indexes, remove_images, write_vectors_index,
+    ENGINES, BuildReport, Removed, add_images, build_index, merge_indexes, remove_images, write_vectors_index,
 )
 from koclip.index.search import Index, SearchResult, load_index
 
 __all__ = [
-    "ImageEmbedder", "Index", "SearchResult", "BuildReport", "Removed", "build_index", "add_images",
+    "ENGINES", "ImageEmbedder", "Index", "SearchResult", "BuildReport", "Removed", "build_index", "add_images",
     "remove_images", "merge_indexes", "load_index", "write_vectors_index", "scan_images", "parse_shard",
     "in_shard", "check_compatible", "default_nlist", "IMAGE_EXTENSIONS", "FAISS_THRESHOLD", "DTYPES",
     "LOCK_WAIT_SECONDS",

@@ -77,7 +77,7 @@ def _build(args) -> int:
     report = kidx.build_index(
         koclip.load_embedder(args.model), args.images, args.out, batch_size=args.batch_size, shard=args.shard,
         progress=not args.no_progress, num_workers=args.workers, dtype=args.dtype, faiss=_FAISS[args.faiss],
-        lock_wait=args.wait)
+        lock_wait=args.wait, engine=args.engine, ray_address=args.address, ray_actors=args.actors)
     _print_report(report)
     return 0
 
@@ -165,6 +165,14 @@ def register(subparsers) -> None:
     q.add_argument("--dtype", choices=kidx.DTYPES, default="float16", help="vector storage (default float16)")
     q.add_argument("--faiss", choices=sorted(_FAISS), default="auto",
                    help=f"build the approximate-search index (auto: at >= {kidx.FAISS_THRESHOLD:,} images)")
+    q.add_argument("--engine", choices=kidx.ENGINES, default="local",
+                   help="local: this process embeds (default); ray: Ray Data tasks read the images and model "
+                        "actors embed them on a Ray cluster (needs `pip install koclip[ray]`; every node must "
+                        "read the images at the same path)")
+    q.add_argument("--address", help="with --engine ray: the cluster, e.g. 10.0.0.5:6379 or auto "
+                                     "(default: $RAY_ADDRESS, else a Ray started for this build)")
+    q.add_argument("--actors", type=_positive, help="with --engine ray: model actors (default: one per "
+                                                    "cluster CPU)")
     common(q)
     writer(q)
     q.set_defaults(func=_build)

@@ -23,10 +23,13 @@ from koclip.index.format import (
 )
 from koclip.index.ivf import FAISS_THRESHOLD, _build_ivf
 from koclip.index.journal import _Journal
+from koclip.index import ray_engine
 from koclip.index.pipeline import _embed_files
 from koclip.index.search import Index, _relative_root, load_index
 
 log = logging.getLogger(__name__)
+
+ENGINES = ("local", "ray")  # build_index's embedding stage: in this process, or on a Ray cluster
 
 
 @dataclasses.dataclass
@@ -159,7 +162,8 @@ def _updated_ivf(old: Index | None, new_rows, index: Index):
 def build_index(embedder: ImageEmbedder, images_dir, out_path, *, batch_size: int = 32, shard=None,
                 progress: bool = True, num_workers: int = 2, dtype: str = "float16",
                 checkpoint_every: int = 1024, faiss: bool | str = "auto",
-                lock_wait: float | None = None) -> BuildReport:
+                lock_wait: float | None = None, engine: str = "local", ray_address: str | None = None,
+                ray_actors: int | None = None, on_batch=None) -> BuildReport:
     """Embed every image under `images_dir` and write the index directory `out_path`.
 
     Scans recursively (scan_images), in sorted order, `batch_size` images per
@@ -174,8 +178,14 @@ def build_index(embedder: ImageEmbedder, images_dir, out_path, *, batch_size: in
     dtype: "float16" (default, half the size) or "float32".
     faiss: build the approximate IVF index: "auto" (when >= FAISS_THRESHOLD images), True, False.
     lock_wait: seconds to wait while another process writes to `out_path` (default LOCK_WAIT_SECONDS).
+    engine: "local" (threads read images, this process runs the model) or "ray" (Ray Data tasks
+        read them and model actors embed them on a cluster: koclip.index.ray_engine; `embedder`
+        must come from koclip.load_embedder, ray_address/ray_actors choose the cluster and pool).
+    on_batch(done, total): with engine "ray", called as results arrive.
     """
     t0 = time.perf_counter()
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if batch_size < 1:
@@ -194,9 +204,15 @@ def build_index(embedder: ImageEmbedder, images_dir, out_path, *, batch_size: in
                             "shard": list(shard) if shard else None})
         done = journal.done()
         report = BuildReport(out, resumed=len(done & set(rels)))
-        report.embedded, report.model_seconds, report.pipeline_seconds = _embed_files(
-            embedder, [(r, root / r) for r in rels], journal, batch_size=batch_size, num_workers=num_workers,
-            progress=progress, checkpoint_every=checkpoint_every, done=done)
+        files = [(r, root / r) for r in rels]
+        if engine == "ray":
+            stats = ray_engine.embed_files(embedder, files, journal, batch_size=batch_size, address=ray_address,
+                                           actors=ray_actors, progress=progress,
+                                           checkpoint_every=checkpoint_every, done=done, on_batch=on_batch)
+        else:
+            stats = _embed_files(embedder, files, journal, batch_size=batch_size, num_workers=num_workers,
+                                 progress=progress, checkpoint_every=checkpoint_every, done=done)
+        report.embedded, report.model_seconds, report.pipeline_seconds = stats
         j = journal.read()
         wanted = set(rels)
         first_of_sha = {}
