@@ -105,7 +105,8 @@ def xtd(tmp_path):
     (repo / "XTD10").mkdir(parents=True)
     (repo / "MIC").mkdir()
     (repo / "XTD10" / "test_image_names.txt").write_text("\n".join(XTD_NAMES) + "\n")
-    (repo / "XTD10" / "test_1kcaptions_ko.txt").write_text("책상 위의 고양이\n해변의 새떼\n얼룩말 떼\n", encoding="utf-8")
+    (repo / "XTD10" / "test_1kcaptions_ko.txt").write_text("책상 위의 고양이\n해변의 새떼\n얼룩말 떼\n",
+                                                         encoding="utf-8")
     (repo / "MIC" / "test_1kcaptions_de.txt").write_text("Eine Katze\nVögel\nZebras\n", encoding="utf-8")
     coco = tmp_path / "coco"
     _image(coco / "train2014" / XTD_NAMES[0])
