@@ -16,8 +16,8 @@ from typing import Any
 
 from koclip.errors import ConfigError
 
-TEXT_KINDS = ("bert", "roberta")
-VISION_KINDS = ("clip", "vit", "efficientnet")
+TEXT_KINDS = ("bert", "roberta", "siglip")
+VISION_KINDS = ("clip", "vit", "efficientnet", "siglip")
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite sizes
@@ -92,7 +92,9 @@ def efficientnet_variant(variant: str) -> EfficientNetConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """A BERT-family text encoder (BERT, RoBERTa, XLM-R style)."""
+    """A BERT-family text encoder (BERT, RoBERTa, XLM-R style), or SigLIP's ("siglip": pools the last
+    position through its own head to `projection_size`; `pooling`, `positions` and `type_vocab_size`
+    do not apply to it)."""
 
     kind: str = "roberta"
     vocab_size: int = 32000
@@ -111,6 +113,8 @@ class TextConfig:
     # Token positions: "padding" counts from pad_token_id + 1 over non-padding tokens (RoBERTa),
     # "arange" numbers 0..L-1 (BERT).  "" picks by kind.
     positions: str = ""
+    # siglip: the width of the text head (transformers' SiglipTextConfig.projection_size); 0 = hidden_size.
+    projection_size: int = 0
 
     def __post_init__(self):
         if self.kind not in TEXT_KINDS:
@@ -119,6 +123,8 @@ class TextConfig:
             raise ConfigError(f"unknown text pooling {self.pooling!r}; valid: pooler, mean, cls")
         if not self.positions:
             object.__setattr__(self, "positions", "padding" if self.kind == "roberta" else "arange")
+        if self.kind == "siglip" and not self.projection_size:
+            object.__setattr__(self, "projection_size", self.hidden_size)
         if self.positions not in ("padding", "arange"):
             raise ConfigError(f"unknown text positions {self.positions!r}; valid: padding, arange")
         if self.hidden_size % self.num_attention_heads:
@@ -128,12 +134,18 @@ class TextConfig:
 
     @property
     def output_dim(self) -> int:
-        return self.hidden_size
+        return self.projection_size if self.kind == "siglip" else self.hidden_size
 
     @classmethod
     def from_hf(cls, d: dict) -> TextConfig:
-        """Reads a transformers `BertConfig`/`RobertaConfig`/`XLMRobertaConfig` dict."""
+        """Reads a transformers `BertConfig`/`RobertaConfig`/`XLMRobertaConfig`/`SiglipTextConfig` dict."""
         model_type = d.get("model_type", "bert")
+        if model_type == "siglip_text_model":  # transformers' SiglipTextConfig defaults for absent keys
+            kw = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072, max_position_embeddings=64, layer_norm_eps=1e-6, pad_token_id=1,
+                      hidden_act="gelu_pytorch_tanh")
+            kw = {k: d[k] if d.get(k) is not None else v for k, v in kw.items()}
+            return cls(kind="siglip", type_vocab_size=1, projection_size=d.get("projection_size") or 0, **kw)
         kind = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}.get(model_type)
         if kind is None:
             raise ConfigError(
@@ -155,6 +167,11 @@ class TextConfig:
         )
 
     def to_hf(self) -> dict:
+        if self.kind == "siglip":
+            keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings", "layer_norm_eps", "pad_token_id", "hidden_act")
+            return {"model_type": "siglip_text_model", **{k: getattr(self, k) for k in keys},
+                    "projection_size": self.output_dim}
         return {
             "model_type": self.kind,
             "vocab_size": self.vocab_size,
@@ -210,8 +227,11 @@ class VisionConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> VisionConfig:
-        """Reads a transformers `CLIPVisionConfig`/`CLIPConfig`/`ViTConfig` dict."""
+        """Reads a transformers `CLIPVisionConfig`/`CLIPConfig`/`ViTConfig`/`SiglipVisionConfig` dict."""
         model_type = d.get("model_type")
+        if model_type == "siglip_vision_model" and d.get("vision_use_head", True) is not True:
+            raise ConfigError("a SigLIP vision tower without its attention-pooling head (vision_use_head "
+                              f"{d['vision_use_head']!r}) has no image embedding to give")
         if model_type == "clip":  # a full CLIPConfig: take its vision part
             d = {**d.get("vision_config", {}), "model_type": "clip_vision_model"}
             model_type = "clip_vision_model"
@@ -219,6 +239,8 @@ class VisionConfig:
         defaults = {
             "clip_vision_model": dict(kind="clip", patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu"),
             "vit": dict(kind="vit", patch_size=16, layer_norm_eps=1e-12, hidden_act="gelu"),
+            "siglip_vision_model": dict(kind="siglip", patch_size=16, layer_norm_eps=1e-6,
+                                        hidden_act="gelu_pytorch_tanh"),
         }
         if model_type in defaults:
             kw = dict(image_size=224, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -229,13 +251,13 @@ class VisionConfig:
                        variant=d.get("variant", "lite0"))
         raise ConfigError(
             f"vision model_type {model_type!r} is not supported; "
-            "valid: clip_vision_model, clip, vit, efficientnet")
+            "valid: clip_vision_model, clip, vit, siglip_vision_model, efficientnet")
 
     def to_hf(self) -> dict:
         if self.kind == "efficientnet":
             return {"model_type": "efficientnet", "image_size": self.image_size, "variant": self.variant}
         return {
-            "model_type": "clip_vision_model" if self.kind == "clip" else "vit",
+            "model_type": {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}.get(self.kind, "vit"),
             "image_size": self.image_size,
             "patch_size": self.patch_size,
             "hidden_size": self.hidden_size,
@@ -280,8 +302,18 @@ class ModelConfig:
     tokenizer: str = "klue/roberta-large"
     max_length: int = 96
     text_prefix: str = ""
+    # How Processor pads token ids: "bucket" (to the smallest of koclip.buckets.LENGTH_BUCKETS that fits the
+    # longest text) or "max_length" (every text to exactly max_length, as SigLIP was trained).
+    text_padding: str = "bucket"
+    # False: the attention mask Processor gives is all ones, padding included (SigLIP's tokenizers return
+    # no mask, so its towers always saw their padding); True: padding is masked out.
+    text_mask_padding: bool = True
+    # Lowercase texts before tokenizing (SigLIP 2 was trained on lowercased text).
+    text_lowercase: bool = False
 
     def __post_init__(self):
+        if self.text_padding not in ("bucket", "max_length"):
+            raise ConfigError(f"unknown text_padding {self.text_padding!r}; valid: bucket, max_length")
         if self.head not in ("linear", "affine", "conse", "none"):
             raise ConfigError(f"unknown head {self.head!r}; valid: linear, affine, conse, none")
         for key in ("text_head", "vision_head"):
@@ -315,12 +347,14 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, d: dict, **overrides: Any) -> ModelConfig:
-        """Reads a `hybrid-clip`, `vision-text-dual-encoder` or koclip config.json dict."""
+        """Reads a `hybrid-clip`, `vision-text-dual-encoder`, `siglip` or koclip config.json dict."""
         model_type = d.get("model_type")
+        if model_type == "siglip":
+            return cls._from_siglip(d, overrides)
         if model_type not in ("hybrid-clip", "vision-text-dual-encoder", "koclip"):
             raise ConfigError(
                 f"model_type {model_type!r} is not a dual encoder; "
-                "valid: hybrid-clip, vision-text-dual-encoder, koclip")
+                "valid: hybrid-clip, vision-text-dual-encoder, siglip, koclip")
         try:
             text = TextConfig.from_hf(d["text_config"])
             vision = VisionConfig.from_hf(d["vision_config"])
@@ -338,11 +372,26 @@ class ModelConfig:
         )
         koclip = d.get("koclip", {})
         for key in ("head", "text_head", "vision_head", "scoring", "logit_bias_init", "preprocess", "tokenizer",
-                    "max_length", "text_prefix", "conse_top_k"):
+                    "max_length", "text_prefix", "conse_top_k", "text_padding", "text_mask_padding",
+                    "text_lowercase"):
             if key in koclip:
                 kw[key] = koclip[key]
         if "preprocess" not in koclip:
-            kw["preprocess"] = "vit" if vision.kind == "vit" else "clip"
+            kw["preprocess"] = vision.kind if vision.kind in ("vit", "siglip") else "clip"
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def _from_siglip(cls, d: dict, overrides: dict) -> ModelConfig:
+        """transformers' `SiglipModel` config.json (SigLIP, and SigLIP 2's fixed-resolution checkpoints,
+        which share its layout): both towers end in their own heads, pairs are scored by a sigmoid,
+        texts are padded to the text tower's length.  logit_scale and logit_bias come with the weights;
+        the inits are the SigLIP paper's (t = log 10, b = -10), for models trained from scratch."""
+        text = TextConfig.from_hf({**(d.get("text_config") or {}), "model_type": "siglip_text_model"})
+        vision = VisionConfig.from_hf({**(d.get("vision_config") or {}), "model_type": "siglip_vision_model"})
+        kw = dict(text=text, vision=vision, projection_dim=vision.output_dim, text_head="none", vision_head="none",
+                  scoring="sigmoid", logit_scale_init=math.log(10.0), logit_bias_init=-10.0, preprocess="siglip",
+                  tokenizer="", **siglip_text_inputs(text))
         kw.update(overrides)
         return cls(**kw)
 
@@ -364,10 +413,26 @@ class ModelConfig:
         if self.head == "conse":
             d["koclip"]["conse_top_k"] = self.conse_top_k
         for key, default in (("text_head", ""), ("vision_head", ""), ("scoring", "softmax"),
-                             ("logit_bias_init", 0.0)):
+                             ("logit_bias_init", 0.0), ("text_padding", "bucket"), ("text_mask_padding", True),
+                             ("text_lowercase", False)):
             if getattr(self, key) != default:  # written only when set, so older readers see no new keys
                 d["koclip"][key] = getattr(self, key)
         return d
+
+
+def siglip_text_inputs(text: TextConfig) -> dict:
+    """The ModelConfig fields that prepare text as a SigLIP text tower was trained on it: lowercased, padded
+    to exactly its max_position_embeddings (64), the padding visible to attention (its tokenizers return
+    no attention mask).  Sources: transformers' SiglipTokenizer lowercases (do_lower_case) and its
+    checkpoints' tokenizer_config.json list model_input_names ["input_ids"]; for SigLIP 2, transformers'
+    docs/source/en/model_doc/siglip2.md ("pass padding="max_length" and max_length=64 as that's how the
+    model was trained"; "Model was trained with *lowercased* text"), the SigLIP 2 paper ("We set the text
+    length to 64 and use the multilingual Gemma tokenizer [...] transforming the text to lower case before
+    tokenization", quoted in google/siglip2-base-patch16-224 discussion #22: its tokenizer_config.json names
+    GemmaTokenizer, which does not lowercase), and convert_siglip2_to_hf.py's tokenizer (add_eos_token=True,
+    padding_side "right", model_input_names ["input_ids"]: "original one doesn't require" a mask)."""
+    return dict(max_length=text.max_position_embeddings, text_padding="max_length", text_mask_padding=False,
+                text_lowercase=True)
 
 
 # Published architectures, and tiny variants for tests.

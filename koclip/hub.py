@@ -18,7 +18,7 @@ from koclip.formats import INDEX_FILES, WEIGHT_FILES
 PROBE_TIMEOUT = 3.0
 # Everything a checkpoint directory may need, except the weights, which are chosen one format at a time.
 SMALL_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "*.index.json"]
+               "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model", "*.index.json"]
 
 
 def endpoint() -> str:

@@ -4,7 +4,7 @@
   8-bit RGB `PIL.Image`, or raises `ImageError` saying what is wrong.
 - `ImagePreprocess` describes a tower's preprocessing as data; `CLIP` and `VIT`
   reproduce the `transformers` processors of openai/clip-vit-base-patch32 and
-  google/vit-large-patch16-224, and `PRESETS` maps names to specs.
+  google/vit-large-patch16-224, `SIGLIP` SigLIP's, and `PRESETS` maps names to specs.
 - `preprocess(images, spec)` gives the float32 NHWC batch a tower takes.
 - `split_grid(image, rows, cols)` cuts an image into boxes for patch search.
 """
@@ -334,7 +334,16 @@ IMAGENET_LITE0 = ImagePreprocess(
     size=224, resize="shortest", crop=True, resample="bicubic",
     mean=(127.0 / 255.0,) * 3, std=(128.0 / 255.0,) * 3, resize_size=256)
 
-PRESETS: dict[str, ImagePreprocess] = {"clip": CLIP, "vit": VIT, "imagenet-lite0": IMAGENET_LITE0}
+# transformers' SiglipImageProcessorPil (SigLIP, SigLIP 2 fixed-resolution): bicubic resize to size x size
+# (no crop), rescale 1/255, mean = std = 0.5; the size is the vision tower's image_size.  transformers 5.24's
+# SiglipImageProcessor (what AutoImageProcessor picks when torchvision is installed) resizes tensors with
+# torchvision's antialiased bicubic instead, which rounds some pixels differently.
+SIGLIP = ImagePreprocess(
+    size=224, resize="exact", crop=False, resample="bicubic",
+    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+PRESETS: dict[str, ImagePreprocess] = {"clip": CLIP, "vit": VIT, "imagenet-lite0": IMAGENET_LITE0,
+                                       "siglip": SIGLIP}
 
 
 def _resize_shape(width: int, height: int, spec: ImagePreprocess) -> tuple[int, int]:

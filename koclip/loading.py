@@ -9,7 +9,7 @@ from pathlib import Path
 from flax import nnx
 
 from koclip import hub, quantize, registry
-from koclip.config import ModelConfig
+from koclip.config import ModelConfig, siglip_text_inputs
 from koclip.errors import CheckpointError
 from koclip.fingerprint import model_digest
 from koclip.formats import checkpoints
@@ -86,8 +86,8 @@ def _with_precision(model, precision):
 
 def from_towers(text: str, vision: str, *, projection_dim: int = 512, seed: int = 0,
                 **config_overrides) -> KoCLIP:
-    """A new model from two pretrained towers (hub ids or local dirs of RobertaModel/BertModel,
-    CLIPModel/CLIPVisionModel or ViTModel) with freshly initialised projections."""
+    """A new model from two pretrained towers (hub ids or local dirs of RobertaModel/BertModel/SiglipTextModel,
+    CLIPModel/CLIPVisionModel, ViTModel or SiglipVisionModel) with freshly initialised projections."""
     text_dir = hub.resolve(text, label=text)
     vision_dir = hub.resolve(vision, label=vision)
     tcfg = checkpoints.tower_config(text_dir)
@@ -96,8 +96,10 @@ def from_towers(text: str, vision: str, *, projection_dim: int = 512, seed: int 
         raise CheckpointError(f"{text}: is a {tcfg.kind} image tower, not a text tower")
     if isinstance(vcfg, type(ModelConfig().text)):
         raise CheckpointError(f"{vision}: is a {vcfg.kind} text tower, not an image tower")
-    config = ModelConfig(text=tcfg, vision=vcfg, projection_dim=projection_dim,
-                         preprocess="vit" if vcfg.kind == "vit" else "clip", tokenizer=text, **config_overrides)
+    kw = dict(text=tcfg, vision=vcfg, projection_dim=projection_dim, tokenizer=text,
+              preprocess=vcfg.kind if vcfg.kind in ("vit", "siglip") else "clip",
+              **(siglip_text_inputs(tcfg) if tcfg.kind == "siglip" else {}))
+    config = ModelConfig(**{**kw, **config_overrides})
     model = KoCLIP(config, rngs=nnx.Rngs(seed))
     for tower, cfg, directory in ((model.text_model, tcfg, text_dir), (model.vision_model, vcfg, vision_dir)):
         tensors, source = checkpoints.tower_tensors(directory, cfg, param_shapes(tower))
@@ -121,8 +123,9 @@ def load_dual_encoder(directory, config: ModelConfig | None = None, raw: dict | 
 
 
 def tokenizer_for(config: ModelConfig, directory=None):
-    """The tokenizer `config.tokenizer` names: the one in `directory` when it holds a tokenizer.json,
-    the bundled e5 tokenizer for "e5" (koclip-mini), else a hub id or local path."""
+    """The tokenizer `config.tokenizer` names: the one in `directory` when it holds a tokenizer.json or a
+    spiece.model (SigLIP), the bundled e5 tokenizer for "e5" (koclip-mini), else a hub id or local path
+    ("" names none: SigLIP configs, whose tokenizer is the checkpoint's own)."""
     has_own = directory is not None and (Path(directory) / "tokenizer.json").is_file()
     if config.tokenizer == "e5" and not has_own:
         return e5_tokenizer()

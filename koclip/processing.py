@@ -2,7 +2,8 @@
 
 Token lengths are padded to a few fixed buckets: every new input shape costs
 a JIT compile, so a session with labels of any length compiles a handful of
-times, not once per length.
+times, not once per length.  Models trained on fixed-length text (SigLIP) get
+every text padded to exactly their max_length instead (`text_padding`).
 """
 
 from __future__ import annotations
@@ -59,36 +60,53 @@ class Processor:
     """Prepares model inputs.
 
     `processor(text=[...], images=[...])` returns a dict with `input_ids` and
-    `attention_mask` (n_texts, L) int32, L a length bucket, and `pixel_values`
-    (n_images, size, size, 3) float32, NHWC.
+    `attention_mask` (n_texts, L) int32, L a length bucket (padding "bucket") or
+    max_length (padding "max_length"), and `pixel_values` (n_images, size, size, 3)
+    float32, NHWC.  `mask_padding` False gives an all-ones attention mask (the model
+    sees its padding tokens, as SigLIP's did); `lowercase` lowercases texts first.
     """
 
-    def __init__(self, tokenizer, image_spec, *, max_length: int = 96, text_prefix: str = ""):
+    def __init__(self, tokenizer, image_spec, *, max_length: int = 96, text_prefix: str = "",
+                 padding: str = "bucket", mask_padding: bool = True, lowercase: bool = False):
+        if padding not in ("bucket", "max_length"):
+            raise KoclipError(f"unknown text padding {padding!r}; valid: bucket, max_length")
         self.tokenizer = tokenizer
         self.image_spec = image_spec
         self.max_length = max_length
         self.text_prefix = text_prefix
+        self.padding = padding
+        self.mask_padding = mask_padding
+        self.lowercase = lowercase
 
     @classmethod
     def for_config(cls, config, tokenizer) -> Processor:
         """The processor a model of `config` (a ModelConfig) needs: its image preprocessing
-        (image_spec_for), its text length and prefix, around `tokenizer`."""
-        return cls(tokenizer, image_spec_for(config), max_length=config.max_length, text_prefix=config.text_prefix)
+        (image_spec_for), its text length, prefix, padding and casing, around `tokenizer`."""
+        return cls(tokenizer, image_spec_for(config), max_length=config.max_length, text_prefix=config.text_prefix,
+                   padding=config.text_padding, mask_padding=config.text_mask_padding,
+                   lowercase=config.text_lowercase)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         if isinstance(texts, str):
             texts = [texts]
         # NFC first: decomposed Hangul (as macOS writes it) would otherwise tokenize as jamo.
         texts = [self.text_prefix + unicodedata.normalize("NFC", t) for t in texts]
+        if self.lowercase:
+            texts = [t.lower() for t in texts]
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)
         longest = max((len(ids) for ids in enc["input_ids"]), default=1)
-        length = min(bucket(longest, LENGTH_BUCKETS), max(self.max_length, longest))
+        if self.padding == "max_length":
+            length = max(self.max_length, longest)
+        else:
+            length = min(bucket(longest, LENGTH_BUCKETS), max(self.max_length, longest))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = np.full((len(texts), length), pad, np.int32)
         mask = np.zeros((len(texts), length), np.int32)
         for i, row in enumerate(enc["input_ids"]):
             ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
+        if not self.mask_padding:
+            mask[:] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
     def preprocess_images(self, images) -> np.ndarray:

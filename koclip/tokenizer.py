@@ -143,15 +143,39 @@ def read_config(directory: Path) -> dict:
 
 def load_tokenizer(name: str, directory: Path | None = None):
     """A tokenizer: from `directory` when it holds a tokenizer.json (a FastTokenizer, without
-    importing transformers), else `name` (a hub id resolved through koclip.hub, or a local path)
-    through transformers' AutoTokenizer."""
+    importing transformers) or a spiece.model (SigLIP's), else `name` (a hub id resolved through
+    koclip.hub, or a local path) through transformers' AutoTokenizer.
+
+    A SigLIP sentencepiece tokenizer (a spiece.model whose tokenizer_config.json names SiglipTokenizer,
+    or names no class) is read with transformers' SiglipTokenizer itself, which needs the sentencepiece
+    and protobuf packages: AutoTokenizer would also build the model's config, and warn about it."""
     if directory is not None and (Path(directory) / "tokenizer.json").is_file():
         return FastTokenizer.from_directory(directory)
-    local = hub.resolve(name, weights=False, label=f"tokenizer {name}")
+    if directory is not None and (Path(directory) / "spiece.model").is_file():
+        local = Path(directory)
+    elif not name:
+        raise CheckpointError(f"{directory}: holds no tokenizer (tokenizer.json or spiece.model), and the "
+                              "model's config names none")
+    else:
+        local = hub.resolve(name, weights=False, label=f"tokenizer {name}")
     # transformers' auto classes import torch when it is installed (seconds): import only what is used.
-    from transformers import AutoTokenizer
-
     try:
+        if (local / "spiece.model").is_file() and _tokenizer_class(local) in (None, "SiglipTokenizer"):
+            from transformers import SiglipTokenizer
+
+            return SiglipTokenizer.from_pretrained(str(local))
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(local))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         raise CheckpointError(f"{local}: cannot load tokenizer: {e}") from None
+
+
+def _tokenizer_class(directory: Path) -> str | None:
+    """The tokenizer_class that `directory`'s tokenizer_config.json names, if any."""
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        value = config.get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

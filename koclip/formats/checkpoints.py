@@ -6,8 +6,11 @@ Formats, told apart by `config.json`'s `model_type`:
 2. `vision-text-dual-encoder`: transformers' dual encoder (`model.safetensors`,
    `pytorch_model.bin`, or `flax_model.msgpack`).
 3. Single pretrained towers (`roberta`, `bert`, `xlm-roberta`, `clip`,
-   `clip_vision_model`, `vit`), combined by `from_towers` with fresh projections.
+   `clip_vision_model`, `vit`, `siglip_text_model`, `siglip_vision_model`), combined by
+   `from_towers` with fresh projections.
 4. `koclip`: koclip's own `config.json` + `model.safetensors`, written by `save`.
+5. `siglip`: transformers' SiglipModel (SigLIP, SigLIP 2 fixed-resolution), `model.safetensors`
+   with `text_model.*`, `vision_model.*`, `logit_scale`, `logit_bias`; read as format 2 is.
 
 A reader yields tensors under koclip's parameter names; it builds no model.
 `koclip.loading` builds the model once (abstractly, from the config) and fills it.
@@ -49,6 +52,12 @@ _VIT_RULES = [(p, None) for p in _DROP_ALWAYS] + [
     (r"^classifier\.", None),
     (r"^(vit|vision_model)\.", ""),
 ]
+# SigLIP towers, alone (SiglipTextModel, SiglipVisionModel) or split out of a SiglipModel.
+_SIGLIP_RULES = {
+    side: [(p, None) for p in _DROP_ALWAYS] + [(rf"^({other}_model\.|logit_scale|logit_bias)", None),
+                                               (rf"^{side}_model\.", "")]
+    for side, other in (("text", "vision"), ("vision", "text"))
+}
 
 
 # The config.json keys that koclip.config reads, by what each must hold.  read_config checks them
@@ -56,13 +65,15 @@ _VIT_RULES = [(p, None) for p in _DROP_ALWAYS] + [
 # vision_config, and koclip), so that a malformed file fails naming the key, not later as a
 # TypeError or ZeroDivisionError inside ModelConfig.
 _POSITIVE_INTS = ("hidden_size", "num_attention_heads", "image_size", "patch_size", "projection_dim",
-                  "max_length", "conse_top_k")
+                  "max_length", "conse_top_k", "projection_size")
 _COUNTS = ("vocab_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings",
            "type_vocab_size", "num_channels")
 _NUMBERS = ("layer_norm_eps", "logit_scale_init_value", "logit_bias_init")
 _STRINGS = ("model_type", "hidden_act", "koclip_pooling", "koclip_positions", "variant", "head", "text_head",
-            "vision_head", "scoring", "preprocess", "tokenizer", "text_prefix")
+            "vision_head", "scoring", "preprocess", "tokenizer", "text_prefix", "text_padding")
+_BOOLS = ("text_mask_padding", "text_lowercase", "vision_use_head")
 _SECTIONS = ("text_config", "vision_config", "koclip")
+_DUAL_TYPES = ("hybrid-clip", "vision-text-dual-encoder", "koclip", "siglip")
 
 
 def read_config(directory) -> dict:
@@ -97,9 +108,12 @@ def _check_config(d: dict, path: Path, where: str) -> None:
     for key in _STRINGS:
         if key in d and not isinstance(d[key], str):
             bad(key, "a string")
+    for key in _BOOLS:
+        if key in d and not isinstance(d[key], bool):
+            bad(key, "true or false")
     for key in _SECTIONS:
         # A dual encoder reads text_config and vision_config; a CLIP config, its vision_config.
-        read = key == "koclip" or d.get("model_type") in ("hybrid-clip", "vision-text-dual-encoder", "koclip") \
+        read = key == "koclip" or d.get("model_type") in _DUAL_TYPES \
             or (key == "vision_config" and d.get("model_type") == "clip")
         if key in d and (read or d[key] is not None):
             if not isinstance(d[key], dict):
@@ -166,6 +180,8 @@ def _split(items, prefix_rules: dict[str, str]):
 
 
 def _tower_rules(cfg: TextConfig | VisionConfig):
+    if cfg.kind == "siglip":
+        return _SIGLIP_RULES["text" if isinstance(cfg, TextConfig) else "vision"]
     if isinstance(cfg, TextConfig):
         return _TEXT_RULES
     return {"clip": _CLIP_RULES, "vit": _VIT_RULES}.get(cfg.kind, [(p, None) for p in _DROP_ALWAYS])
@@ -248,21 +264,22 @@ def tower_config(directory) -> TextConfig | VisionConfig:
     path = Path(directory) / "config.json"
     mt = raw.get("model_type")
     try:
-        if mt in ("bert", "roberta", "xlm-roberta"):
+        if mt in ("bert", "roberta", "xlm-roberta", "siglip_text_model"):
             return TextConfig.from_hf(raw)
-        if mt in ("clip", "clip_vision_model", "vit"):
+        if mt in ("clip", "clip_vision_model", "vit", "siglip_vision_model"):
             return VisionConfig.from_hf(raw)
     except KeyError as e:
         raise CheckpointError(f"{path}: lacks the key {e.args[0]!r}, which a {mt} config has") from None
     except ConfigError as e:  # koclip.config names the value; add the file
         raise CheckpointError(f"{path}: {e}") from e
     raise CheckpointError(f"{path}: model_type {mt!r} is not a tower; "
-                          "valid: bert, roberta, xlm-roberta, clip, clip_vision_model, vit")
+                          "valid: bert, roberta, xlm-roberta, clip, clip_vision_model, vit, siglip_text_model, "
+                          "siglip_vision_model")
 
 
 def dual_encoder_config(directory, raw: dict | None = None, **overrides) -> ModelConfig:
     """The ModelConfig of a dual-encoder checkpoint directory (hybrid-clip, vision-text-dual-encoder,
-    koclip).  raw: its config.json when the caller has read it already; overrides: ModelConfig
+    siglip, koclip).  raw: its config.json when the caller has read it already; overrides: ModelConfig
     fields to set.  A value koclip.config refuses is a CheckpointError naming the file."""
     raw = raw if raw is not None else read_config(directory)
     try:

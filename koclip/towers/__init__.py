@@ -18,6 +18,7 @@ _MODULES = {
     "clip": "koclip.towers.clip_vision",
     "vit": "koclip.towers.vit",
     "efficientnet": "koclip.towers.efficientnet",
+    "siglip": "koclip.towers.siglip",
 }
 
 
