@@ -16,7 +16,7 @@ from typing import Any
 
 from koclip.errors import ConfigError
 
-TEXT_KINDS = ("bert", "roberta", "siglip")
+TEXT_KINDS = ("bert", "roberta", "clip", "siglip")
 VISION_KINDS = ("clip", "vit", "efficientnet", "siglip")
 
 
@@ -92,9 +92,9 @@ def efficientnet_variant(variant: str) -> EfficientNetConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """A BERT-family text encoder (BERT, RoBERTa, XLM-R style), or SigLIP's ("siglip": pools the last
-    position through its own head to `projection_size`; `pooling`, `positions` and `type_vocab_size`
-    do not apply to it)."""
+    """A text encoder: BERT-family (BERT, RoBERTa, XLM-R style), CLIP's causal transformer ("clip"), or
+    SigLIP's ("siglip": pools the last position through its own head to `projection_size`; `pooling`,
+    `positions` and `type_vocab_size` do not apply to it)."""
 
     kind: str = "roberta"
     vocab_size: int = 32000
@@ -108,19 +108,26 @@ class TextConfig:
     pad_token_id: int = 1
     hidden_act: str = "gelu"
     # "pooler": dense + tanh on the first token (what KoCLIP used);
-    # "mean": mean over non-padding tokens; "cls": the first token's state.
-    pooling: str = "pooler"
+    # "mean": mean over non-padding tokens; "cls": the first token's state;
+    # "eos": the end-of-text token's state (CLIP's, the only pooling of kind "clip").  "" picks by kind.
+    pooling: str = ""
     # Token positions: "padding" counts from pad_token_id + 1 over non-padding tokens (RoBERTa),
-    # "arange" numbers 0..L-1 (BERT).  "" picks by kind.
+    # "arange" numbers 0..L-1 (BERT, CLIP).  "" picks by kind.
     positions: str = ""
     # siglip: the width of the text head (transformers' SiglipTextConfig.projection_size); 0 = hidden_size.
     projection_size: int = 0
+    # CLIP: the end-of-text token id whose first position is pooled.  2, which configs written before
+    # transformers' PR #24773 hold, pools at the highest token id instead, as transformers does.
+    eos_token_id: int = 49407
 
     def __post_init__(self):
         if self.kind not in TEXT_KINDS:
             raise ConfigError(f"unknown text tower kind {self.kind!r}; valid: {', '.join(TEXT_KINDS)}")
-        if self.pooling not in ("pooler", "mean", "cls"):
-            raise ConfigError(f"unknown text pooling {self.pooling!r}; valid: pooler, mean, cls")
+        if not self.pooling:
+            object.__setattr__(self, "pooling", "eos" if self.kind == "clip" else "pooler")
+        valid = ("eos",) if self.kind == "clip" else ("pooler", "mean", "cls")
+        if self.pooling not in valid:
+            raise ConfigError(f"unknown {self.kind} text pooling {self.pooling!r}; valid: {', '.join(valid)}")
         if not self.positions:
             object.__setattr__(self, "positions", "padding" if self.kind == "roberta" else "arange")
         if self.kind == "siglip" and not self.projection_size:
@@ -138,8 +145,11 @@ class TextConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> TextConfig:
-        """Reads a transformers `BertConfig`/`RobertaConfig`/`XLMRobertaConfig`/`SiglipTextConfig` dict."""
+        """Reads a transformers `BertConfig`/`RobertaConfig`/`XLMRobertaConfig`/`CLIPTextConfig`/
+        `SiglipTextConfig` dict (or a `CLIPConfig`'s text part)."""
         model_type = d.get("model_type", "bert")
+        if model_type in ("clip", "clip_text_model"):
+            return cls._from_clip(clip_section(d, "text") if model_type == "clip" else d)
         if model_type == "siglip_text_model":  # transformers' SiglipTextConfig defaults for absent keys
             kw = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                       intermediate_size=3072, max_position_embeddings=64, layer_norm_eps=1e-6, pad_token_id=1,
@@ -148,8 +158,8 @@ class TextConfig:
             return cls(kind="siglip", type_vocab_size=1, projection_size=d.get("projection_size") or 0, **kw)
         kind = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}.get(model_type)
         if kind is None:
-            raise ConfigError(
-                f"text model_type {model_type!r} is not supported; valid: bert, roberta, xlm-roberta")
+            raise ConfigError(f"text model_type {model_type!r} is not supported; "
+                              "valid: bert, roberta, xlm-roberta, clip, clip_text_model, siglip_text_model")
         return cls(
             kind=kind,
             vocab_size=d["vocab_size"],
@@ -166,12 +176,30 @@ class TextConfig:
             positions=d.get("koclip_positions", ""),
         )
 
+    @classmethod
+    def _from_clip(cls, d: dict) -> TextConfig:
+        """A `CLIPTextConfig` dict; keys it leaves out take transformers' defaults."""
+        eos = d.get("eos_token_id", 49407)
+        if type(eos) is not int:
+            raise ConfigError(f"CLIP text eos_token_id is {eos!r}, expected one integer")
+        kw = dict(vocab_size=49408, hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
+                  intermediate_size=2048, max_position_embeddings=77, layer_norm_eps=1e-5,
+                  hidden_act="quick_gelu", pad_token_id=1)
+        return cls(kind="clip", type_vocab_size=1, eos_token_id=eos,
+                   **{k: (v if d.get(k) is None else d[k]) for k, v in kw.items()})
+
     def to_hf(self) -> dict:
         if self.kind == "siglip":
             keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                     "max_position_embeddings", "layer_norm_eps", "pad_token_id", "hidden_act")
             return {"model_type": "siglip_text_model", **{k: getattr(self, k) for k in keys},
                     "projection_size": self.output_dim}
+        if self.kind == "clip":
+            return {"model_type": "clip_text_model", "eos_token_id": self.eos_token_id,
+                    **{k: getattr(self, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                     "num_attention_heads", "intermediate_size",
+                                                     "max_position_embeddings", "layer_norm_eps", "hidden_act",
+                                                     "pad_token_id")}}
         return {
             "model_type": self.kind,
             "vocab_size": self.vocab_size,
@@ -187,6 +215,14 @@ class TextConfig:
             "koclip_pooling": self.pooling,
             "koclip_positions": self.positions,
         }
+
+
+def clip_section(d: dict, side: str) -> dict:
+    """The `side` ("text" or "vision") part of a CLIPConfig dict, as transformers reads it: an old
+    config's `{side}_config_dict`, where present, replaces `{side}_config` (every key the section
+    defines, absent ones at their defaults)."""
+    legacy = d.get(f"{side}_config_dict")
+    return legacy if isinstance(legacy, dict) else d.get(f"{side}_config") or {}
 
 
 @dataclass(frozen=True)
@@ -233,7 +269,7 @@ class VisionConfig:
             raise ConfigError("a SigLIP vision tower without its attention-pooling head (vision_use_head "
                               f"{d['vision_use_head']!r}) has no image embedding to give")
         if model_type == "clip":  # a full CLIPConfig: take its vision part
-            d = {**d.get("vision_config", {}), "model_type": "clip_vision_model"}
+            d = {**clip_section(d, "vision"), "model_type": "clip_vision_model"}
             model_type = "clip_vision_model"
         # transformers' defaults for keys a config.json may leave out, per model type.
         defaults = {
@@ -347,14 +383,17 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, d: dict, **overrides: Any) -> ModelConfig:
-        """Reads a `hybrid-clip`, `vision-text-dual-encoder`, `siglip` or koclip config.json dict."""
+        """Reads a `hybrid-clip`, `vision-text-dual-encoder`, `clip` (transformers' CLIPModel), `siglip`
+        or koclip config.json dict."""
         model_type = d.get("model_type")
+        if model_type == "clip":
+            return cls.from_clip(d, **overrides)
         if model_type == "siglip":
             return cls._from_siglip(d, overrides)
         if model_type not in ("hybrid-clip", "vision-text-dual-encoder", "koclip"):
             raise ConfigError(
                 f"model_type {model_type!r} is not a dual encoder; "
-                "valid: hybrid-clip, vision-text-dual-encoder, siglip, koclip")
+                "valid: hybrid-clip, vision-text-dual-encoder, clip, siglip, koclip")
         try:
             text = TextConfig.from_hf(d["text_config"])
             vision = VisionConfig.from_hf(d["vision_config"])
@@ -394,6 +433,16 @@ class ModelConfig:
                   tokenizer="", **siglip_text_inputs(text))
         kw.update(overrides)
         return cls(**kw)
+
+    @classmethod
+    def from_clip(cls, d: dict, **overrides: Any) -> ModelConfig:
+        """A transformers `CLIPConfig` dict: CLIP's text and image towers with bias-free projections,
+        CLIP's preprocessing and its full context (max_position_embeddings tokens)."""
+        text, vision = TextConfig.from_hf(d), VisionConfig.from_hf(d)
+        kw = dict(text=text, vision=vision, projection_dim=d.get("projection_dim") or 512,
+                  logit_scale_init=d.get("logit_scale_init_value", 2.6592), head="linear", preprocess="clip",
+                  max_length=text.max_position_embeddings)
+        return cls(**{**kw, **overrides})
 
     def to_hf(self) -> dict:
         d = {

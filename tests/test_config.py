@@ -19,8 +19,8 @@ def test_unknown_efficientnet_variant_is_refused_when_the_config_is_made():
 
 
 def test_unsupported_model_type_in_a_config_dict_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"model_type 'clip' is not a dual encoder; valid: hybrid-clip"):
-        ModelConfig.from_hf({"model_type": "clip"})
+    with pytest.raises(ConfigError, match=r"model_type 'bert' is not a dual encoder; valid: hybrid-clip"):
+        ModelConfig.from_hf({"model_type": "bert"})
 
 
 def test_training_config_errors_are_the_library_config_error():

@@ -16,6 +16,7 @@ _MODULES = {
     "bert": "koclip.towers.bert",
     "roberta": "koclip.towers.bert",
     "clip": "koclip.towers.clip_vision",
+    "clip_text": "koclip.towers.clip_text",
     "vit": "koclip.towers.vit",
     "efficientnet": "koclip.towers.efficientnet",
     "siglip": "koclip.towers.siglip",
@@ -30,7 +31,10 @@ def module(kind: str):
 
 
 def build(cfg: TextConfig | VisionConfig, rngs: nnx.Rngs) -> nnx.Module:
-    m = module(cfg.kind)
+    kind = cfg.kind
+    if isinstance(cfg, TextConfig) and f"{kind}_text" in _MODULES:  # a text kind named like an image kind
+        kind = f"{kind}_text"
+    m = module(kind)
     if cfg.kind == "efficientnet":
         return m.Model(efficientnet_variant(cfg.variant), rngs=rngs)
     return m.Model(cfg, rngs=rngs)

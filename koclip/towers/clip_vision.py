@@ -2,7 +2,8 @@
 
 Parameter names follow transformers' Flax CLIP vision transformer
 (`embeddings/patch_embedding/kernel`, `pre_layrnorm`, `encoder/layers/0/self_attn/q_proj`, ...).
-Input pixels are NHWC.
+Input pixels are NHWC.  The encoder layers are CLIP's text transformer's too (koclip.towers.clip_text),
+which passes an attention mask.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from koclip.config import VisionConfig
+from koclip.config import TextConfig, VisionConfig
 from koclip.towers.layers import PatchConv, activation, attention, dense, layer_norm
 
 
@@ -32,7 +33,7 @@ class Embeddings(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig | TextConfig, rngs: nnx.Rngs):
         h = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.k_proj = dense(h, h, rngs)
@@ -40,12 +41,12 @@ class SelfAttention(nnx.Module):
         self.q_proj = dense(h, h, rngs)
         self.out_proj = dense(h, h, rngs)
 
-    def __call__(self, x):
-        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), None, self.num_heads))
+    def __call__(self, x, bias=None):
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), bias, self.num_heads))
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig | TextConfig, rngs: nnx.Rngs):
         self.fc1 = dense(cfg.hidden_size, cfg.intermediate_size, rngs)
         self.fc2 = dense(cfg.intermediate_size, cfg.hidden_size, rngs)
         self.act = activation(cfg.hidden_act)
@@ -55,24 +56,27 @@ class MLP(nnx.Module):
 
 
 class Layer(nnx.Module):
-    def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig | TextConfig, rngs: nnx.Rngs):
         self.self_attn = SelfAttention(cfg, rngs)
         self.layer_norm1 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
         self.mlp = MLP(cfg, rngs)
         self.layer_norm2 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
 
-    def __call__(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
+    def __call__(self, x, bias=None):
+        x = x + self.self_attn(self.layer_norm1(x), bias)
         return x + self.mlp(self.layer_norm2(x))
 
 
 class Encoder(nnx.Module):
-    def __init__(self, cfg: VisionConfig, rngs: nnx.Rngs):
+    """Pre-LayerNorm layers; `bias`: an additive attention mask broadcastable to (batch, heads, seq, seq),
+    or None (every token sees every token)."""
+
+    def __init__(self, cfg: VisionConfig | TextConfig, rngs: nnx.Rngs):
         self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
 
-    def __call__(self, x):
+    def __call__(self, x, bias=None):
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, bias)
         return x
 
 

@@ -78,7 +78,8 @@ def layer_norm(n: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
 def attention(q, k, v, bias, num_heads: int):
     """Multi-head scaled dot-product attention.
 
-    q, k, v: (batch, seq, hidden); bias: additive (batch, 1, 1, seq) or None.
+    q, k, v: (batch, seq, hidden); bias: additive (batch, 1, 1, seq) (padding) or (batch, 1, seq, seq)
+    (a mask per query, e.g. causal), or None.
     Returns (batch, seq, hidden).
     """
     b, s, h = q.shape
