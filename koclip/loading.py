@@ -1,11 +1,14 @@
-"""`load`: a registry name, hub id or local directory -> (model, processor)."""
+"""`load`: a registry name, hub id or local directory -> (model, processor); `load(text=..., vision=...)`
+composes a model from the text side of one checkpoint and the image side of another."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from pathlib import Path
 
+import numpy as np
 from flax import nnx
 
 from koclip import hub, quantize, registry
@@ -30,15 +33,29 @@ class LoadInfo:
     path: str
     seconds: float
     weights: str = ""  # koclip.fingerprint.model_digest of the float32 weights, set when load quantises
+    # A composed model's sides (load(text=..., vision=...)): each one's name and directory.
+    text: str = ""
+    vision: str = ""
 
 
-def load(name: str = "koclip-mini", *, revision: str | None = None, precision: str | None = None):
+def load(name: str | None = None, *, text: str | None = None, vision: str | None = None,
+         revision: str | None = None, precision: str | None = None):
     """Loads a model and its processor.
 
     `name`: a registry name (`koclip.available_models()`), a hub repo id, or a
-    local checkpoint directory in any supported format.  Returns (model, processor);
+    local checkpoint directory in any supported format (default "koclip-mini").
+    Or, instead of `name`, `text` and `vision` (hub ids or local directories): the text tower of
+    one checkpoint and the image tower of another, each with its own pretrained projection
+    (see `compose`), e.g. `load(text="M-CLIP/XLM-Roberta-Large-Vit-B-32",
+    vision="openai/clip-vit-base-patch32")`.  Returns (model, processor);
     `model.load_info` says where the weights came from.
     """
+    if text is not None or vision is not None:
+        if name is not None or text is None or vision is None or revision is not None:
+            raise TypeError("load takes either a name (and revision) or both text= and vision=")
+        model, processor = compose(text, vision)
+        return _with_precision(model, precision), processor
+    name = "koclip-mini" if name is None else name
     t0 = time.perf_counter()
     overrides: dict = {}
     if registry.is_preset(name):
@@ -55,6 +72,12 @@ def load(name: str = "koclip-mini", *, revision: str | None = None, precision: s
         raise registry.unknown(name)
     directory = hub.resolve(source, revision=revision, label=name)
     raw = checkpoints.read_config(directory)
+    if raw.get("model_type") == checkpoints.MCLIP_TYPE:
+        raise CheckpointError(
+            f"{name}: an M-CLIP checkpoint holds a text tower only, mapped into a CLIP's image space; load it "
+            f"with that CLIP's image tower: koclip.load(text={name!r}, vision={checkpoints.mclip_vision(raw)!r})")
+    if raw.get("model_type") == "clip":  # a CLIPModel brings its own tokenizer
+        overrides.setdefault("tokenizer", source)
     config = checkpoints.dual_encoder_config(directory, raw, **overrides)
     model = load_dual_encoder(directory, config, raw)
     processor = Processor.for_config(config, tokenizer_for(config, directory))
@@ -62,9 +85,47 @@ def load(name: str = "koclip-mini", *, revision: str | None = None, precision: s
     return _with_precision(model, precision), processor
 
 
-def _finish(model, name, source, path, t0):
+def _finish(model, name, source, path, t0, **sides):
     # Plain attribute outside nnx's state: a frozen record of provenance.
-    object.__setattr__(model, "load_info", LoadInfo(name, source, str(path), time.perf_counter() - t0))
+    object.__setattr__(model, "load_info", LoadInfo(name, source, str(path), time.perf_counter() - t0, **sides))
+
+
+def compose(text: str, vision: str) -> tuple[KoCLIP, Processor]:
+    """A model from the text side of checkpoint `text` and the image side of checkpoint `vision` (hub ids
+    or local directories), each keeping its pretrained projection into the joint space.
+
+    text: M-CLIP (its XLM-R/BERT, mean-pooled, and LinearTransformation), a CLIPModel (text tower and
+    text_projection) or a CLIPTextModelWithProjection; vision: a CLIPModel (vision tower and
+    visual_projection) or a CLIPVisionModelWithProjection.  The temperature is the vision side's
+    CLIPModel's, else the text side's, else ModelConfig's default.  The processor pairs the text side's
+    tokenizer with the vision side's image preprocessing.  Both sides must embed into as many
+    dimensions.  Returns (model, processor); `model.load_info.text`/`.vision` name the sources.
+    """
+    t0 = time.perf_counter()
+    resolve_base = lambda base: hub.resolve(base, weights=False, label=f"{text}'s base model {base}")  # noqa: E731
+    ts = checkpoints.side_source(hub.resolve(text, label=text), "text", resolve=resolve_base)
+    vs = checkpoints.side_source(hub.resolve(vision, label=vision), "vision")
+    if ts.projection_dim != vs.projection_dim:
+        raise CheckpointError(f"cannot pair {text} (text embeddings of {ts.projection_dim} dimensions) with {vision} "
+                              f"(image embeddings of {vs.projection_dim} dimensions)")
+    scale_from = vs if vs.logit_scale_init is not None else ts if ts.logit_scale_init is not None else None
+    config = ModelConfig(
+        text=ts.tower, vision=vs.tower, projection_dim=ts.projection_dim,
+        text_head="" if ts.head == "linear" else ts.head, vision_head="" if vs.head == "linear" else vs.head,
+        preprocess="clip",  # every vision side is a CLIP image tower
+        tokenizer=text if ts.tokenizer_dir == ts.directory else str(ts.tokenizer_dir),
+        max_length=ts.max_length,
+        **({} if scale_from is None else {"logit_scale_init": scale_from.logit_scale_init}))
+    model = nnx.eval_shape(lambda: KoCLIP(config, rngs=nnx.Rngs(0)))
+    targets = param_shapes(model)
+    text_items, text_file = checkpoints.side_tensors(ts, targets, logit_scale=scale_from is ts)
+    vision_items, vision_file = checkpoints.side_tensors(vs, targets, logit_scale=scale_from is vs)
+    default = [("logit_scale", np.float32(config.logit_scale_init))] if scale_from is None else []
+    assign(model, itertools.chain(text_items, vision_items, default), f"{text_file} + {vision_file}")
+    processor = Processor.for_config(config, tokenizer_for(config, ts.tokenizer_dir))
+    _finish(model, f"{text} + {vision}", f"{text} + {vision}", f"{ts.directory} + {vs.directory}", t0,
+            text=f"{text} ({ts.directory})", vision=f"{vision} ({vs.directory})")
+    return model, processor
 
 
 def _with_precision(model, precision):

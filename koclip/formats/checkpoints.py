@@ -11,6 +11,10 @@ Formats, told apart by `config.json`'s `model_type`:
 4. `koclip`: koclip's own `config.json` + `model.safetensors`, written by `save`.
 5. `siglip`: transformers' SiglipModel (SigLIP, SigLIP 2 fixed-resolution), `model.safetensors`
    with `text_model.*`, `vision_model.*`, `logit_scale`, `logit_bias`; read as format 2 is.
+6. `clip`: transformers' CLIPModel (both towers, bias-free projections, logit_scale), read as a dual
+   encoder.  It, `M-CLIP` (a text tower + an affine map into a CLIP's image space) and CLIP's
+   single towers with their projections (`clip_text_model`, `clip_vision_model`) also give one side
+   each of a model composed from two checkpoints (`side_source`, `side_tensors`).
 
 A reader yields tensors under koclip's parameter names; it builds no model.
 `koclip.loading` builds the model once (abstractly, from the config) and fills it.
@@ -18,6 +22,7 @@ A reader yields tensors under koclip's parameter names; it builds no model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -65,14 +70,15 @@ _SIGLIP_RULES = {
 # vision_config, and koclip), so that a malformed file fails naming the key, not later as a
 # TypeError or ZeroDivisionError inside ModelConfig.
 _POSITIVE_INTS = ("hidden_size", "num_attention_heads", "image_size", "patch_size", "projection_dim",
-                  "max_length", "conse_top_k", "projection_size")
+                  "max_length", "conse_top_k", "projection_size", "numDims", "transformerDimensions")
 _COUNTS = ("vocab_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings",
            "type_vocab_size", "num_channels")
 _NUMBERS = ("layer_norm_eps", "logit_scale_init_value", "logit_bias_init")
 _STRINGS = ("model_type", "hidden_act", "koclip_pooling", "koclip_positions", "variant", "head", "text_head",
-            "vision_head", "scoring", "preprocess", "tokenizer", "text_prefix", "text_padding")
+            "vision_head", "scoring", "preprocess", "tokenizer", "text_prefix", "text_padding", "modelBase")
 _BOOLS = ("text_mask_padding", "text_lowercase", "vision_use_head")
-_SECTIONS = ("text_config", "vision_config", "koclip")
+# (text|vision)_config_dict: older CLIP configs' overrides of text_config and vision_config.
+_SECTIONS = ("text_config", "vision_config", "koclip", "text_config_dict", "vision_config_dict")
 _DUAL_TYPES = ("hybrid-clip", "vision-text-dual-encoder", "koclip", "siglip")
 
 
@@ -286,6 +292,145 @@ def dual_encoder_config(directory, raw: dict | None = None, **overrides) -> Mode
         return ModelConfig.from_hf(raw, **overrides)
     except ConfigError as e:  # koclip.config names the value; add the file
         raise CheckpointError(f"{Path(directory) / 'config.json'}: {e}") from e
+
+
+# ---------------------------------------------------------------- one side of a composed model
+
+MCLIP_TYPE = "M-CLIP"
+# The CLIP each published M-CLIP text encoder was trained against, by its output width (numDims).
+_MCLIP_VISION = {512: "openai/clip-vit-base-patch32", 768: "openai/clip-vit-large-patch14"}
+# Hub ids from before the hub had organisations, as M-CLIP's config.json names its base model.
+LEGACY_HUB_IDS = {"xlm-roberta-large": "FacebookAI/xlm-roberta-large",
+                  "xlm-roberta-base": "FacebookAI/xlm-roberta-base"}
+_SIDE_PREFIX = {"text": ("text_model.", "text_projection."), "vision": ("vision_model.", "visual_projection.")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """What one checkpoint gives one side ("text" or "vision") of a composed model: a tower and its
+    pretrained projection into the joint space."""
+
+    side: str
+    directory: Path
+    raw: dict  # the directory's config.json
+    tower: TextConfig | VisionConfig
+    head: str  # the projection: "linear" (bias-free) or "affine"
+    projection_dim: int
+    # A CLIPModel's logit_scale_init_value: the checkpoint holds a learned temperature (logit_scale).
+    # None when it holds none.
+    logit_scale_init: float | None = None
+    # Text sides: the directory with the tokenizer files, and how many tokens the tower reads.
+    tokenizer_dir: Path | None = None
+    max_length: int = 0
+
+
+def mclip_vision(raw: dict) -> str:
+    """The image tower that the published M-CLIP text encoder with this config.json was trained against."""
+    return _MCLIP_VISION.get(raw.get("numDims"), "openai/clip-vit-base-patch32")
+
+
+def side_source(directory, side: str, *, resolve=None) -> Side:
+    """The `side` ("text" or "vision") that the checkpoint in `directory` offers: a CLIPModel (`clip`,
+    either side), a CLIP tower with its projection (`clip_text_model`, `clip_vision_model` saved as
+    CLIP*ModelWithProjection), or M-CLIP (text).  `resolve(hub_id) -> directory` finds M-CLIP's base
+    model config (`modelBase`) when it is not a local directory."""
+    directory = Path(directory)
+    raw = read_config(directory)
+    path = directory / "config.json"
+    mt = raw.get("model_type")
+    projection_types = {"text": ("clip", "clip_text_model", MCLIP_TYPE), "vision": ("clip", "clip_vision_model")}
+    if mt not in projection_types[side]:
+        raise CheckpointError(
+            f"{path}: model_type {mt!r} gives no {side} tower with a pretrained projection; valid for {side}: "
+            f"{', '.join(projection_types[side])} (koclip.from_towers pairs plain towers with fresh projections)")
+    try:
+        if mt == MCLIP_TYPE:
+            return _mclip_side(directory, raw, resolve)
+        tower = TextConfig.from_hf(raw) if side == "text" else VisionConfig.from_hf(raw)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    if mt != "clip" and not any(a.endswith("WithProjection") for a in raw.get("architectures") or []):
+        raise CheckpointError(f"{path}: a {mt} checkpoint without its projection (architectures "
+                              f"{raw.get('architectures')}); a {side} side needs CLIP{side.capitalize()}"
+                              "ModelWithProjection or CLIPModel")
+    return Side(side, directory, raw, tower, "linear", raw.get("projection_dim") or 512,
+                logit_scale_init=raw.get("logit_scale_init_value", 2.6592) if mt == "clip" else None,
+                tokenizer_dir=directory, max_length=getattr(tower, "max_position_embeddings", 0))
+
+
+def _mclip_side(directory: Path, raw: dict, resolve) -> Side:
+    """M-CLIP: `modelBase`'s transformer, mean-pooled over the attention mask, then an affine map
+    (`LinearTransformation`, transformerDimensions -> numDims)."""
+    path = directory / "config.json"
+    for key in ("modelBase", "transformerDimensions", "numDims"):
+        if key not in raw:
+            raise CheckpointError(f"{path}: lacks the key {key!r}, which an M-CLIP config has")
+    base = mclip_base(directory, raw, resolve)
+    base_raw = read_config(base)
+    try:
+        tower = dataclasses.replace(TextConfig.from_hf(base_raw), pooling="mean")
+    except KeyError as e:
+        raise CheckpointError(f"{base / 'config.json'}: lacks the key {e.args[0]!r}") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{base / 'config.json'}: {e}") from e
+    if tower.hidden_size != raw["transformerDimensions"]:
+        raise CheckpointError(f"{path}: transformerDimensions {raw['transformerDimensions']} differs from the "
+                              f"hidden_size {tower.hidden_size} of its base model {base}")
+    # M-CLIP ships its own tokenizer (XLM-R's); without one, the base model's.
+    has_own = any((directory / f).is_file() for f in ("tokenizer.json", "sentencepiece.bpe.model", "vocab.txt"))
+    # RoBERTa numbers positions from pad_token_id + 1, so it reads 2 fewer tokens than it has positions.
+    reserved = tower.pad_token_id + 1 if tower.positions == "padding" else 0
+    return Side("text", directory, raw, tower, "affine", raw["numDims"],
+                tokenizer_dir=directory if has_own else base, max_length=tower.max_position_embeddings - reserved)
+
+
+def mclip_base(directory, raw: dict, resolve=None) -> Path:
+    """The directory holding the config.json of M-CLIP's `modelBase`: a folder of that name inside the
+    checkpoint, a local path, else a hub id (an old one without owner, such as "xlm-roberta-large", under
+    its current name) through `resolve`."""
+    name = raw["modelBase"]
+    for candidate in (Path(directory) / name, Path(name).expanduser()):
+        if (candidate / "config.json").is_file():
+            return candidate
+    if resolve is None:
+        raise CheckpointError(f"{Path(directory) / 'config.json'}: modelBase {name!r} is not a local directory")
+    return Path(resolve(LEGACY_HUB_IDS.get(name, name)))
+
+
+def side_tensors(src: Side, targets: dict, *, logit_scale: bool = False):
+    """`src`'s tower and projection weights as a composed model names them (`text_model.*` and
+    `text_projection.*`, or `vision_model.*` and `visual_projection.*`), plus `logit_scale` when asked
+    for; the checkpoint's other tensors (a CLIPModel's other side) are dropped.  targets: the composed
+    model's parameter names -> (shape, dtype).  Returns (iterator, the weight file's path as str)."""
+    weights = find_weights(src.directory)
+    source = str(weights)
+    items, torch_layout = read_tensors(weights)
+    tower_prefix, projection = _SIDE_PREFIX[src.side]
+    if src.raw.get("model_type") == MCLIP_TYPE:
+        parts = _split(items, {"tower": "transformer.", "projection": "LinearTransformation."})
+        # AutoModel gives XLMRobertaModel a pooler, which mean pooling never reads.
+        rules = [(r"^pooler\.", None)] + _tower_rules(src.tower)
+    else:
+        parts = _split(items, {"tower": tower_prefix, "projection": projection})
+        rules = _tower_rules(src.tower)
+    other = tuple(p for side, ps in _SIDE_PREFIX.items() if side != src.side for p in ps)
+
+    def stream():
+        tower = _drain(parts.pop("tower", deque()))
+        if isinstance(src.tower, VisionConfig) and src.tower.kind == "clip":
+            tower = (("vision_model." + n, x) for n, x in tower)  # _CLIP_RULES strip either nesting
+        yield from _to_targets(rename(tower, rules), _sub_targets(targets, tower_prefix), torch_layout, source,
+                               tower_prefix)
+        yield from _to_targets(_drain(parts.pop("projection", deque())), _sub_targets(targets, projection),
+                               torch_layout, source, projection)
+        for name, x in _drain(parts.pop("", deque())):
+            if name == "logit_scale":
+                if logit_scale:
+                    yield name, np.asarray(x, np.float32).reshape(())
+            elif not (name.startswith(other) or any(re.match(p, name) for p in _DROP_ALWAYS)):
+                raise CheckpointError(f"{source}: unexpected tensor {name!r}")
+
+    return stream(), source
 
 
 def save(model, directory, tokenizer=None) -> Path:
