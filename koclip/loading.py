@@ -65,6 +65,12 @@ def load(name: str | None = None, *, text: str | None = None, vision: str | None
             model, processor, path = mini_build.load_mini()
             _finish(model, name, "installed packages", path, t0)
             return _with_precision(model, precision), processor
+        if preset.vision:  # two checkpoints: one gives the text tower, the other the image tower
+            if revision is not None:
+                raise TypeError(f"{name} is made of two checkpoints ({preset.source}, {preset.vision}); "
+                                "a revision cannot name both")
+            model, processor = compose(preset.source, preset.vision, name=name)
+            return _with_precision(model, precision), processor
         source = preset.source
     elif Path(name).expanduser().is_dir() or hub.is_repo_id(name):
         source = name
@@ -90,7 +96,7 @@ def _finish(model, name, source, path, t0, **sides):
     object.__setattr__(model, "load_info", LoadInfo(name, source, str(path), time.perf_counter() - t0, **sides))
 
 
-def compose(text: str, vision: str) -> tuple[KoCLIP, Processor]:
+def compose(text: str, vision: str, *, name: str | None = None) -> tuple[KoCLIP, Processor]:
     """A model from the text side of checkpoint `text` and the image side of checkpoint `vision` (hub ids
     or local directories), each keeping its pretrained projection into the joint space.
 
@@ -99,7 +105,8 @@ def compose(text: str, vision: str) -> tuple[KoCLIP, Processor]:
     visual_projection) or a CLIPVisionModelWithProjection.  The temperature is the vision side's
     CLIPModel's, else the text side's, else ModelConfig's default.  The processor pairs the text side's
     tokenizer with the vision side's image preprocessing.  Both sides must embed into as many
-    dimensions.  Returns (model, processor); `model.load_info.text`/`.vision` name the sources.
+    dimensions.  Returns (model, processor); `model.load_info.text`/`.vision` name the sources, and
+    `.name` is `name` (a registry preset's) or "TEXT + VISION".
     """
     t0 = time.perf_counter()
     resolve_base = lambda base: hub.resolve(base, weights=False, label=f"{text}'s base model {base}")  # noqa: E731
@@ -123,7 +130,7 @@ def compose(text: str, vision: str) -> tuple[KoCLIP, Processor]:
     default = [("logit_scale", np.float32(config.logit_scale_init))] if scale_from is None else []
     assign(model, itertools.chain(text_items, vision_items, default), f"{text_file} + {vision_file}")
     processor = Processor.for_config(config, tokenizer_for(config, ts.tokenizer_dir))
-    _finish(model, f"{text} + {vision}", f"{text} + {vision}", f"{ts.directory} + {vs.directory}", t0,
+    _finish(model, name or f"{text} + {vision}", f"{text} + {vision}", f"{ts.directory} + {vs.directory}", t0,
             text=f"{text} ({ts.directory})", vision=f"{vision} ({vs.directory})")
     return model, processor
 

@@ -329,3 +329,19 @@ def test_composed_model_round_trips_through_koclips_format(tmp_path):
     assert again.config == model.config
     same_params(model, again)
     assert rows(**again_processor(text=texts("mclip"))) == rows(**processor(text=texts("mclip")))
+
+
+def test_registry_mclip_b32_loads_both_of_its_checkpoints_from_the_hub_cache(hf_cache, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    preset = koclip.registry.get("mclip-b32")
+    hf_cache.put(preset.source, PARITY / "mclip")
+    hf_cache.put(preset.vision, PARITY / "clip")
+    model, processor = koclip.load("mclip-b32")
+    assert model.load_info.name == "mclip-b32"
+    assert preset.source in model.load_info.text and preset.vision in model.load_info.vision
+    same_params(model, mclip_with_clip()[0])
+    with pytest.raises(TypeError, match="two checkpoints"):
+        koclip.load("mclip-b32", revision="v1")

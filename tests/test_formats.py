@@ -205,3 +205,23 @@ def test_a_sigmoid_model_with_a_headless_tower_saves_and_loads_with_its_bias(tmp
     want, got = flat_params(model), flat_params(back)
     assert set(want) == set(got) and "logit_bias" in got
     assert all(np.array_equal(np.asarray(want[k]), np.asarray(got[k])) for k in want)
+
+
+@pytest.mark.parametrize("preset, fixture", [("msiglip-base", "siglip_spiece"), ("siglip2-base", "siglip2_gemma"),
+                                             ("clip-b32", "clip")])
+def test_registry_preset_loads_its_checkpoint_layout_from_the_hub_cache(preset, fixture, hf_cache, parity_fixture,
+                                                                        monkeypatch):
+    # The tiny fixture stands in for the preset's repository: the same files, under the preset's hub id.
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    snapshot = hf_cache.put(koclip.registry.get(preset).source, parity_fixture(fixture))
+    model, processor = koclip.load(preset)
+    assert model.load_info.name == preset and model.load_info.path == str(snapshot)
+    with np.load(snapshot / "golden.npz") as g:
+        batch = processor(text=[str(t) for t in g["texts"]])
+        logits = model(batch["input_ids"], batch["attention_mask"], g["pixel_values"])
+        assert np.abs(np.asarray(logits) - g["logits_per_image"]).max() <= 1e-4 * max(1.0, np.abs(
+            g["logits_per_image"]).max())
+    assert model.scoring == ("softmax" if preset == "clip-b32" else "sigmoid")
