@@ -1,4 +1,6 @@
-"""Tests for koclip.index: build, store, load, search, resume, shard, merge, add."""
+"""Tests for koclip.index: build, store, load, search, resume, shard, merge, add.
+
+What is particular to format 2 (segments, deletions, upgrade, on-disk IVF) is in test_index_format.py."""
 
 import hashlib
 import json
@@ -154,7 +156,7 @@ def test_round_trip_keeps_vectors_and_per_image_records(photos, tmp_path):
     meta = json.loads((tmp_path / "p.kidx" / "meta.json").read_text())
     keys = ("model", "fingerprint", "dim", "dtype", "count", "normalised", "format_version")
     assert {k: meta[k] for k in keys} == {"model": "tiny", "fingerprint": "tiny-v1", "dim": 16, "dtype": "float16",
-                                          "count": len(images), "normalised": True, "format_version": 1}
+                                          "count": len(images), "normalised": True, "format_version": 2}
     assert index.full_path(index.paths[i]) == root.resolve() / "reds/sub/pinkish red.PNG"
 
 
@@ -193,7 +195,7 @@ def test_rebuilding_replaces_the_index_and_leaves_no_stray_files(photos, tmp_pat
     build(TinyEmbedder(), root, tmp_path / "p.kidx")
     assert load_index(tmp_path / "p.kidx").count == len(images) - 1
     names = sorted(p.name.split(".")[0] for p in (tmp_path / "p.kidx").iterdir() if p.name != ".lock")
-    assert names == ["items", "meta", "vectors"]
+    assert names == ["meta", "segment"]
     assert not (tmp_path / "p.kidx.partial").exists()
 
 
@@ -225,20 +227,79 @@ def test_fingerprint_mismatch_names_both_models(built):
         load_index(built, other)
 
 
-def test_truncated_vectors_file_is_reported(built):
-    p = data_file(built, "vectors")
+def test_truncated_segment_is_reported(built):
+    p = data_file(built, "segment")
     p.write_bytes(p.read_bytes()[:-40])
     with pytest.raises(IndexFileError, match="truncated"):
         load_index(built)
 
 
-def test_flipped_byte_in_vectors_fails_the_checksum(built):
-    p = data_file(built, "vectors")
+def page_byte(segment: Path, column: str) -> int:
+    """An offset inside the data of `column`'s first data page (past its page header)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(segment).metadata.row_group(0)
+    chunk = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema.startswith(column))
+    return chunk.data_page_offset + chunk.total_compressed_size - 8
+
+
+def test_flipped_byte_in_the_vectors_fails_their_page_checksum(built):
+    p = data_file(built, "segment")
+    data = bytearray(p.read_bytes())
+    data[page_byte(p, "vector")] ^= 0x10
+    p.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="segment .* is corrupt.*CRC checksum"):
+        load_index(built)
+
+
+def test_flipped_byte_in_the_paths_fails_their_page_checksum(built):
+    p = data_file(built, "segment")
+    data = bytearray(p.read_bytes())
+    data[page_byte(p, "path")] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="segment .* is corrupt.*'path'.*CRC checksum"):
+        load_index(built)
+
+
+def test_flipped_byte_in_a_segment_footer_fails_its_checksum(built):
+    p = data_file(built, "segment")
+    data = bytearray(p.read_bytes())
+    data[-20] ^= 0x01  # inside the footer: Parquet's metadata, which no page checksum covers
+    p.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="fails its checksum .footer crc32"):
+        load_index(built)
+
+
+@pytest.fixture
+def v1_index(tmp_path):
+    """A copy of the committed gallery index, which is format 1 (vectors .npy + items .json)."""
+    out = tmp_path / "v1.kidx"
+    shutil.copytree(Path(__file__).parent.parent / "embeddings" / "gallery-koclip-mini.kidx", out)
+    assert json.loads((out / "meta.json").read_text())["format_version"] == 1
+    return out
+
+
+def test_truncated_format_1_vectors_file_is_reported(v1_index):
+    p = data_file(v1_index, "vectors")
+    p.write_bytes(p.read_bytes()[:-40])
+    with pytest.raises(IndexFileError, match="truncated"):
+        load_index(v1_index)
+
+
+def test_flipped_byte_in_format_1_vectors_fails_the_checksum(v1_index):
+    p = data_file(v1_index, "vectors")
     data = bytearray(p.read_bytes())
     data[-7] ^= 0x10
     p.write_bytes(bytes(data))
     with pytest.raises(IndexFileError, match="checksum"):
-        load_index(built)
+        load_index(v1_index)
+
+
+def test_corrupt_format_1_items_file_is_reported(v1_index):
+    p = data_file(v1_index, "items")
+    p.write_bytes(p.read_bytes().replace(b"beach", b"bench", 1))
+    with pytest.raises(IndexFileError, match="items file .* corrupt"):
+        load_index(v1_index)
 
 
 def test_truncated_meta_json_is_reported(built):
@@ -248,18 +309,11 @@ def test_truncated_meta_json_is_reported(built):
         load_index(built)
 
 
-def test_corrupt_items_file_is_reported(built):
-    p = data_file(built, "items")
-    p.write_bytes(p.read_bytes().replace(b"red", b"rod", 1))
-    with pytest.raises(IndexFileError, match="items file .* corrupt"):
-        load_index(built)
-
-
 def test_a_data_file_gone_once_is_read_again_and_gone_twice_is_reported(built, monkeypatch):
     # A writer's commit may delete the files that the meta.json just read names: read it again once.
     from koclip.index import search
 
-    real, calls = search._read_items, []
+    real, calls = search.open_segment, []
 
     def vanishing(path, *args, gone=1):
         calls.append(path)
@@ -267,11 +321,11 @@ def test_a_data_file_gone_once_is_read_again_and_gone_twice_is_reported(built, m
             raise FileNotFoundError(2, "No such file or directory", str(path))
         return real(path, *args)
 
-    monkeypatch.setattr(search, "_read_items", vanishing)
+    monkeypatch.setattr(search, "open_segment", vanishing)
     assert load_index(built).count == 20 and len(calls) == 2
     calls.clear()
-    monkeypatch.setattr(search, "_read_items", lambda path, *a: vanishing(path, *a, gone=2))
-    with pytest.raises(IndexFileError, match=r"lacks a data file that meta.json names: .*items"):
+    monkeypatch.setattr(search, "open_segment", lambda path, *a: vanishing(path, *a, gone=2))
+    with pytest.raises(IndexFileError, match=r"lacks a data file that meta.json names: .*segment"):
         load_index(built)
     assert len(calls) == 2
 

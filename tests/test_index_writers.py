@@ -141,7 +141,7 @@ def test_writing_without_the_lock_is_a_programming_error(gallery):
     index = load_index(out)
     with pytest.raises(RuntimeError, match="without the index's writer lock"):
         _write_index(out, model=index.model, fingerprint=index.fingerprint, dim=index.dim,
-                     dtype=index.dtype, images_root=str(index.root), items={}, fill_vectors=None, count=0)
+                     dtype=index.dtype, images_root=str(index.root), blocks=[])
 
 
 def test_the_lock_is_reentrant_in_one_thread(gallery):

@@ -50,15 +50,18 @@ from __future__ import annotations
 
 from koclip.index.files import IMAGE_EXTENSIONS, in_shard, parse_shard, scan_images
 from koclip.index.format import DTYPES, LOCK_WAIT_SECONDS, ImageEmbedder, check_compatible
-from koclip.index.ivf import FAISS_THRESHOLD, default_nlist
+from koclip.index.ivf import FAISS_THRESHOLD, ON_DISK_THRESHOLD, default_nlist
 from koclip.index.ops import (
-    ENGINES, BuildReport, Removed, add_images, build_index, merge_indexes, remove_images, write_vectors_index,
+    ENGINES, BuildReport, Compacted, Removed, add_images, add_segments, build_index, compact_index, merge_indexes,
+    remove_images, upgrade_index, write_vectors_index,
 )
 from koclip.index.search import Index, SearchResult, load_index
+from koclip.index.segments import write_segment_file
 
 __all__ = [
-    "ENGINES", "ImageEmbedder", "Index", "SearchResult", "BuildReport", "Removed", "build_index", "add_images",
-    "remove_images", "merge_indexes", "load_index", "write_vectors_index", "scan_images", "parse_shard",
-    "in_shard", "check_compatible", "default_nlist", "IMAGE_EXTENSIONS", "FAISS_THRESHOLD", "DTYPES",
+    "ENGINES", "ImageEmbedder", "Index", "SearchResult", "BuildReport", "Removed", "Compacted", "build_index",
+    "add_images", "remove_images", "merge_indexes", "compact_index", "upgrade_index", "add_segments",
+    "write_segment_file", "load_index", "write_vectors_index", "scan_images", "parse_shard", "in_shard",
+    "check_compatible", "default_nlist", "IMAGE_EXTENSIONS", "FAISS_THRESHOLD", "ON_DISK_THRESHOLD", "DTYPES",
     "LOCK_WAIT_SECONDS",
 ]

@@ -1,9 +1,10 @@
 """The on-disk format of an index (described in koclip/index/__init__.py) and the primitives
 every reader and writer of it uses.
 
-Constants and the per-image record columns; reading meta.json, items.json and the
-vectors file, checked against what meta.json says; and, for writers, the writer
-lock, writing a fresh data file and committing meta.json.
+Constants and the per-image record columns; reading meta.json (format 1 or 2) and
+format 1's items.json and vectors file, checked against what meta.json says; and,
+for writers, the writer lock, writing a fresh data file and committing meta.json.
+Format 2's Parquet files are read and written by koclip.index.segments.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ except ImportError:  # pragma: no cover - Windows
 log = logging.getLogger(__name__)
 
 FORMAT = "koclip-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what writers write; readers read 1 (read-only: `koclip index upgrade`) and 2
 DTYPES = ("float16", "float32")
 
 _JOURNAL_SUFFIX = ".partial"
-_DATA_FILE = re.compile(r"^(vectors|items|ivf)\.[0-9a-f]+\.(npy|json|faiss)$")
+# Data files: format 1's vectors/items; format 2's segment/deleted (Parquet) and trained; ivf in both.
+_DATA_FILE = re.compile(r"^(vectors|items|ivf|trained|segment|deleted)\.[0-9a-f]+\.(npy|json|faiss|parquet)$")
+_SUFFIX = {"vectors": "npy", "items": "json", "ivf": "faiss", "trained": "faiss", "segment": "parquet",
+           "deleted": "parquet"}
 _READ_BLOCK = 64 << 20
 _MAX_NPY_HEADER = 10000  # numpy's own limit on the header it parses (max_header_size)
 
@@ -350,12 +354,13 @@ def _read_meta(path: Path) -> dict:
     if version > FORMAT_VERSION:
         raise IndexFileError(f"index {path} has format version {meta['format_version']}; this koclip reads "
                              f"versions up to {FORMAT_VERSION}; upgrade koclip")
-    required = ("model", "fingerprint", "dim", "dtype", "count", "files", "images_root")
+    data = ("files",) if version < 2 else ("segments", "deletions")
+    required = ("model", "fingerprint", "dim", "dtype", "count", "images_root") + data
     missing = [k for k in required if k not in meta]
     if missing or meta["dtype"] not in DTYPES:
         raise IndexFileError(f"{meta_path} lacks fields {missing} or has dtype {meta.get('dtype')!r} "
                              f"(valid: {DTYPES}); the metadata is corrupt")
-    problem = _meta_problem(meta)
+    problem = _meta_problem(meta) if version < 2 else _meta_problem_v2(meta)
     if problem:
         raise IndexFileError(f"{meta_path} {problem}; the metadata is corrupt")
     return meta
@@ -365,9 +370,8 @@ def _is_count(x) -> bool:
     return type(x) is int and x >= 0
 
 
-def _meta_problem(meta: dict) -> str | None:
-    """What is wrong with the types of meta.json's fields, or None: the rest of the code takes
-    them as the writers wrote them (dim and count ints, file entries naming our own files)."""
+def _common_problem(meta: dict) -> str | None:
+    """What is wrong with the fields that both formats share, or None."""
     for key in ("model", "fingerprint", "images_root"):
         if not isinstance(meta[key], str):
             return f"has {key} {meta[key]!r}, expected a string"
@@ -378,6 +382,15 @@ def _meta_problem(meta: dict) -> str | None:
         return f"has dim {meta['dim']!r}, expected an integer from 0 to 2**31 - 1"
     if not _is_count(meta["count"]) or meta["count"] >= 1 << 62:
         return f"has count {meta['count']!r}, expected a non-negative integer"
+    return None
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with the types of a format-1 meta.json's fields, or None: the rest of the code
+    takes them as the writers wrote them (dim and count ints, file entries naming our own files)."""
+    problem = _common_problem(meta)
+    if problem:
+        return problem
     files = meta["files"]
     if not isinstance(files, dict):
         return f"has files {files!r}, expected an object"
@@ -399,6 +412,77 @@ def _meta_problem(meta: dict) -> str | None:
     return None
 
 
+def _entry_problem(entry, stem: str, where: str, keys: tuple[str, ...]) -> str | None:
+    """What is wrong with one file entry of a format-2 meta.json, or None."""
+    name = entry.get("name") if isinstance(entry, dict) else None
+    match = _DATA_FILE.match(name) if isinstance(name, str) else None
+    if not match or match.group(1) != stem or match.group(2) != _SUFFIX[stem]:
+        return f"has {where} {entry!r}; expected {{\"name\": \"{stem}.<hex>.{_SUFFIX[stem]}\", ...}} naming a file inside the index"
+    for key in keys:
+        value = entry.get(key)
+        if not (isinstance(value, str) if key.endswith("crc32") else _is_count(value)):
+            return f"has {where} {entry!r}, whose {key} must be {'a hex string' if key.endswith('crc32') else 'an integer'}"
+    return None
+
+
+def _meta_problem_v2(meta: dict) -> str | None:
+    """What is wrong with a format-2 meta.json's fields, or None: segments listed in order with
+    contiguous row ids, deletions and IVF parts naming our own files, counts that add up."""
+    problem = _common_problem(meta)
+    if problem:
+        return problem
+    segments, deletions = meta["segments"], meta["deletions"]
+    if not isinstance(segments, list) or not isinstance(deletions, list):
+        return "has segments or deletions that are not lists"
+    start = 0
+    for i, seg in enumerate(segments):
+        problem = _entry_problem(seg, "segment", f"segments[{i}]", ("start", "rows", "bytes", "footer_crc32"))
+        if problem:
+            return problem
+        if seg["start"] != start:
+            return f"has segments[{i}] starting at row id {seg['start']}, expected {start} (the rows before it)"
+        start += seg["rows"]
+    if len({s["name"] for s in segments}) != len(segments):
+        return "lists a segment twice"
+    for i, d in enumerate(deletions):
+        problem = _entry_problem(d, "deleted", f"deletions[{i}]", ("rows", "bytes", "crc32"))
+        if problem:
+            return problem
+    if meta["count"] != start - sum(d["rows"] for d in deletions):
+        return (f"has count {meta['count']}, but its segments hold {start} rows of which its deletion files "
+                f"mark {sum(d['rows'] for d in deletions)}")
+    ivf = meta.get("ivf")
+    if ivf is None:
+        return None
+    if not (isinstance(ivf, dict) and _is_count(ivf.get("nprobe")) and _is_count(ivf.get("trained_on"))
+            and _is_count(ivf.get("nlist")) and isinstance(ivf.get("parts"), list) and ivf["parts"]):
+        return f"has ivf {ivf!r}, expected null or an object with integer nlist, nprobe, trained_on and parts"
+    problem = _entry_problem(ivf.get("trained"), "trained", "ivf.trained", ("bytes", "crc32"))
+    if problem:
+        return problem
+    stop = 0
+    for i, part in enumerate(ivf["parts"]):
+        problem = _entry_problem(part, "ivf", f"ivf.parts[{i}]", ("start", "stop", "bytes", "crc32"))
+        if problem:
+            return problem
+        if part["start"] != stop or part["stop"] < part["start"]:
+            return f"has ivf.parts[{i}] for row ids {part['start']} to {part['stop']}, expected from {stop} on"
+        stop = part["stop"]
+    if stop > start:
+        return f"has IVF parts up to row id {stop}, but its segments hold {start} rows"
+    return None
+
+
+def _data_names(meta: dict) -> set[str]:
+    """The data files that meta.json (format 1 or 2) names."""
+    if meta.get("format_version", 0) < 2:
+        return {e["name"] for e in meta["files"].values() if e}
+    names = {e["name"] for e in meta["segments"] + meta["deletions"]}
+    if meta.get("ivf"):
+        names |= {meta["ivf"]["trained"]["name"]} | {p["name"] for p in meta["ivf"]["parts"]}
+    return names
+
+
 def check_compatible(meta: dict, embedder, where) -> None:
     """Raise IndexFileError if `embedder` is not the model that built the index described by `meta`."""
     if embedder is None:
@@ -413,20 +497,28 @@ def check_compatible(meta: dict, embedder, where) -> None:
             "with this one")
 
 
-def _write_data_file(directory: Path, stem: str, suffix: str, write_path) -> dict:
-    """Write a new data file `<stem>.<token><suffix>` via write_path(tmp_path); returns its meta entry."""
+def _write_data_file(directory: Path, stem: str, suffix: str, write_path, *, checksum: bool = True) -> dict:
+    """Write a new data file `<stem>.<token><suffix>` via write_path(tmp_path); returns its meta entry:
+    name, bytes and (when `checksum`) the crc32 of the whole file."""
     name = f"{stem}.{secrets.token_hex(6)}{suffix}"
     final = directory / name
     with replacing(final) as tmp:
         write_path(tmp)
-    return {"name": name, "bytes": final.stat().st_size, "crc32": _crc32_file(final)}
+    entry = {"name": name, "bytes": final.stat().st_size}
+    if checksum:
+        entry["crc32"] = _crc32_file(final)
+    return entry
 
 
 def _commit_meta(directory: Path, meta: dict) -> None:
-    """Atomically replace meta.json, then delete data and temp files it no longer names."""
+    """Atomically replace meta.json, then delete data and temp files it no longer names.
+
+    Only the holder of the writer lock calls this, and only it writes data files into
+    the index directory, so a file meta.json does not name is left over from an older
+    version or from a writer that stopped before its commit."""
     meta["updated"] = _now()
     atomic_write_bytes(directory / "meta.json", _json_bytes(meta, indent=1))
-    keep = {e["name"] for e in meta["files"].values() if e}
+    keep = _data_names(meta)
     for p in directory.iterdir():
         if (_DATA_FILE.match(p.name) and p.name not in keep) or p.name.endswith(".tmp"):
             with contextlib.suppress(OSError):

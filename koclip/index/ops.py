@@ -1,13 +1,22 @@
-"""What changes an index: build_index, add_images, remove_images, merge_indexes and
-write_vectors_index, each holding the index's writer lock and ending in _write_index, which
-writes fresh data files and commits meta.json."""
+"""What changes an index: build_index, add_images, remove_images, merge_indexes,
+write_vectors_index, compact_index, upgrade_index and add_segments, each holding the index's
+writer lock from reading the index to committing meta.json.
+
+The full writers (build, merge, write_vectors_index, compact, upgrade) end in _write_index:
+one new segment, and a meta.json naming only it.  The incremental ones (add, remove,
+add_segments) end in _append_locked: a segment of the new rows and/or a deletion file,
+and a meta.json naming the old files and the new, so what they write grows with the
+change, not with the index."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
 import os
+import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -15,17 +24,19 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from koclip.errors import IndexFileError
+from koclip.files import fsync_dir, replacing
+from koclip.index import ivf as _ivf
 from koclip.index.files import in_shard, parse_shard, scan_images
 from koclip.index.format import (
     _DATA_FILE, _JOURNAL_SUFFIX, DTYPES, FORMAT, FORMAT_VERSION, ImageEmbedder, _columns, _commit_meta,
-    _holds_writer_lock, _json_bytes, _normalise_rows, _now, _read_meta, _read_vectors, _Records,
-    _write_data_file, _writer_lock,
+    _holds_writer_lock, _normalise_rows, _now, _read_meta, _writer_lock,
 )
-from koclip.index.ivf import FAISS_THRESHOLD, _build_ivf
+from koclip.index.ivf import FAISS_THRESHOLD, _write_faiss, add_part, empty_like, read_trained, write_ivf
 from koclip.index.journal import _Journal
 from koclip.index import ray_engine
 from koclip.index.pipeline import _embed_files
-from koclip.index.search import Index, _relative_root, load_index
+from koclip.index.search import Index, _open_v2, _relative_root, load_index
+from koclip.index.segments import _check_schema, _segment_entry, _write_deletions, _write_segment, read_paths
 
 log = logging.getLogger(__name__)
 
@@ -93,70 +104,119 @@ def _check_target(out: Path) -> None:
         raise IndexFileError(f"{out} exists and is not a koclip index; choose another output path")
 
 
-def _write_index(out: Path, *, model: str, fingerprint: str, dim: int, dtype: str, images_root: str,
-                 items: dict, fill_vectors, count: int, created: str | None = None,
-                 faiss: bool | str = "auto", ivf_from: Index | None = None, new_rows=None) -> Index:
-    """Write a complete index into directory `out` (created if needed) and return it loaded.
+def _require_v2(index: Index, what: str) -> None:
+    """Writers other than full rewrites need format 2: a format-1 index is upgraded first, on request."""
+    if index.format_version < 2:
+        raise IndexFileError(
+            f"index {index.path} is in format {index.format_version}, which koclip reads but no longer changes; "
+            f"run `koclip index upgrade {index.path}` (it rewrites the index as format 2 in place, atomically) "
+            f"and then the {what} again")
 
-    fill_vectors(array): fills a writable (count, dim) `dtype` array (a memory map of the new file).
+
+def _new_meta(out: Path, *, model: str, fingerprint: str, dim: int, dtype: str, images_root: str,
+              created: str | None) -> dict:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model, "fingerprint": fingerprint,
+            "dim": int(dim), "dtype": dtype, "normalised": True, "count": 0, "created": created or _now(),
+            "updated": None, "images_root": str(images_root),
+            "images_root_relative": _relative_root(out, images_root), "segments": [], "deletions": [], "ivf": None}
+
+
+def _write_index(out: Path, *, model: str, fingerprint: str, dim: int, dtype: str, images_root: str,
+                 blocks, created: str | None = None, faiss: bool | str = "auto", ivf_from: dict | None = None) -> Index:
+    """Write a complete index into directory `out` (created if needed) as one segment, commit it, and
+    return it loaded.
+
+    blocks: (items, vectors) pairs in row order (see segments.write_segment_file).
     faiss: True / False / "auto" (build an IVF when count >= FAISS_THRESHOLD).
-    ivf_from + new_rows: an index whose IVF to update instead of retraining:
-        new_rows = (rows removed, rows added) relative to it; None retrains.
+    ivf_from: meta.json's "ivf" entry of the index being rewritten in place (compact): its trained
+        IVF is filled again instead of training anew, unless the index has grown past 4x what it was
+        trained on.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     _check_target(out)
     if not _holds_writer_lock(out):
         raise RuntimeError(f"_write_index({out}) called without the index's writer lock")
-
-    def write_vectors(p):
-        mm = np.lib.format.open_memmap(p, mode="w+", dtype=dtype, shape=(count, dim))
-        if count:
-            fill_vectors(mm)
-            mm.flush()
-        del mm
-
-    files = {
-        "vectors": _write_data_file(out, "vectors", ".npy", write_vectors),
-        "items": _write_data_file(out, "items", ".json", lambda p: p.write_bytes(
-            _json_bytes({c: items[c] for c in _Records.COLUMNS}))),
-        "ivf": None,
-    }
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model, "fingerprint": fingerprint,
-            "dim": int(dim), "dtype": dtype, "normalised": True, "count": int(count),
-            "created": created or _now(), "updated": None, "images_root": str(images_root),
-            "images_root_relative": _relative_root(out, images_root), "files": files, "ivf": None}
-    flat, vectors = _read_vectors(out / files["vectors"]["name"], count, dim, dtype, files["vectors"])
-    index = Index(out, meta, {c: items[c] for c in _Records.COLUMNS}, flat, vectors)
-    if faiss is True or (faiss == "auto" and count >= FAISS_THRESHOLD):
-        ivf, params = _updated_ivf(ivf_from, new_rows, index) or _build_ivf(flat, vectors)
-        import faiss as _faiss  # deferred, like every faiss import here (`faiss` is the parameter)
-
-        files["ivf"] = _write_data_file(out, "ivf", ".faiss", lambda p: _faiss.write_index(ivf, str(p)))
-        meta["ivf"] = params
-        index._ivf = ivf
+    meta = _new_meta(out, model=model, fingerprint=fingerprint, dim=dim, dtype=dtype, images_root=images_root,
+                     created=created)
+    segment = _write_segment(out, blocks, start=0, dim=dim, dtype=dtype, model=model, fingerprint=fingerprint)
+    meta["segments"] = [segment]
+    meta["count"] = segment["rows"]
+    index = _open_v2(out, meta)
+    if index.count and (faiss is True or (faiss == "auto" and index.count >= FAISS_THRESHOLD)):
+        if ivf_from and index.count <= 4 * ivf_from["trained_on"]:
+            keep = {k: v for k, v in ivf_from.items() if k != "parts"}
+            meta["ivf"], parts = write_ivf(out, index, index.stored_rows, on_disk=index.on_disk,
+                                           trained=read_trained(out, ivf_from), keep=keep)
+        else:
+            meta["ivf"], parts = write_ivf(out, index, index.stored_rows, on_disk=index.on_disk)
+        index._ivf = (parts, None)
     _commit_meta(out, meta)
     return index
 
 
-def _updated_ivf(old: Index | None, new_rows, index: Index):
-    """Reuse `old`'s trained IVF for `index` (old rows kept in place, some replaced, some appended),
-    unless the index has grown past 4x what the IVF was trained on.  None = retrain."""
-    if old is None or new_rows is None or not old.ivf_params:
-        return None
-    if index.count > 4 * old.ivf_params.get("trained_on", 0):
-        return None
-    try:
-        ivf = old._load_ivf()
-    except IndexFileError:
-        return None
-    replaced, appended = new_rows
-    rows = np.asarray(sorted(set(replaced) | set(appended)), dtype=np.int64)
-    if len(replaced):
-        ivf.remove_ids(np.asarray(sorted(replaced), dtype=np.int64))
-    if len(rows):
-        ivf.add_with_ids(index.vectors[rows].astype(np.float32), rows)
-    return ivf, dict(old.ivf_params)
+def _append_locked(old: Index, segments: list[dict], dead: Sequence[int], faiss: bool | str = "auto") -> Index:
+    """Commit new `segments` (already written into the index) and mark the live rows at positions
+    `dead` deleted (one deletion file), keeping the IVF in step; returns the index as committed.
+
+    With the writer lock held.  Bytes written: the new files and meta.json, whatever the
+    index's size.  The IVF is left alone while the rows after its last part number at most
+    TAIL_ROWS (searches scan those exactly); past that they become a new part.  It is
+    trained again when the index outgrows 4x what it was trained on, and built when an
+    index without one reaches FAISS_THRESHOLD (faiss="auto").
+    """
+    path = old.path
+    meta = copy.deepcopy(old.meta)
+    meta["segments"] += segments
+    if len(dead):
+        ids = old._ids_of(np.sort(np.asarray(dead, np.int64)))
+        by_segment: dict[str, list[int]] = {}
+        for s in old._segments:
+            lo, hi = np.searchsorted(ids, [s.start, s.start + s.rows])
+            if hi > lo:
+                by_segment[s.name] = (ids[lo:hi] - s.start).tolist()
+        meta["deletions"].append(_write_deletions(path, by_segment))
+    meta["count"] = old.count - len(dead) + sum(s["rows"] for s in segments)
+    # The new version, read back (paths only: no vector is read unless an IVF needs it).
+    index = _open_v2(path, meta, on_disk=True)
+    index.on_disk = index.count >= _ivf.ON_DISK_THRESHOLD or old.on_disk
+    ivf = meta.get("ivf")
+    if index.count == 0:
+        meta["ivf"] = None
+    elif ivf is None:
+        if faiss is True or (faiss == "auto" and index.count >= FAISS_THRESHOLD):
+            meta["ivf"], _ = write_ivf(path, index, index.stored_rows, on_disk=index.on_disk)
+    elif index.count > 4 * ivf["trained_on"]:
+        meta["ivf"], _ = write_ivf(path, index, index.stored_rows, on_disk=index.on_disk)
+    elif index.stored_rows - ivf["parts"][-1]["stop"] > _ivf.TAIL_ROWS:
+        parts = list(ivf["parts"])
+        start = parts[-1]["stop"]
+        if len(parts) >= _ivf.MAX_PARTS:
+            # Merge the trailing parts smaller than a build's (earlier adds') with the new rows.
+            while len(parts) > 1 and parts[-1]["stop"] - parts[-1]["start"] < _ivf.PART_ROWS:
+                start = parts.pop()["start"]
+        entry, _ = add_part(path, index, ivf, start, index.stored_rows, on_disk=index.on_disk)
+        meta["ivf"] = dict(ivf, parts=parts + [entry])
+    _commit_meta(path, meta)
+    return index
+
+
+def _journal_blocks(keys: list[str], j: dict, block: int = 65536):
+    """(items, float32 vectors) blocks of the journal records of `keys`, in that order, each
+    journal chunk read once per block (keys in path order come from neighbouring chunks)."""
+    for a in range(0, len(keys), block):
+        part = keys[a:a + block]
+        by_chunk: dict[int, list[tuple[int, int]]] = {}
+        for dest, k in enumerate(part):
+            by_chunk.setdefault(j["records"][k].chunk, []).append((dest, j["records"][k].row))
+        vectors = None
+        for chunk, pairs in by_chunk.items():
+            dest, rows = (np.asarray(x) for x in zip(*pairs))
+            v = _Journal.vectors(j["chunks"][chunk])
+            if vectors is None:
+                vectors = np.empty((len(part), v.shape[1]), np.float32)
+            vectors[dest] = v[rows]
+        yield _items_of(part, j["records"]), vectors
 
 
 def build_index(embedder: ImageEmbedder, images_dir, out_path, *, batch_size: int = 32, shard=None,
@@ -227,8 +287,7 @@ def build_index(embedder: ImageEmbedder, images_dir, out_path, *, batch_size: in
         report.skipped = sorted((p, r) for p, r in j["failed"].items() if p in wanted)
         index = _write_index(
             out, model=embedder.name, fingerprint=embedder.fingerprint, dim=int(embedder.dim), dtype=dtype,
-            images_root=str(root), items=_items_of(keep, j["records"]), count=len(keep),
-            fill_vectors=lambda mm: _fill_from_journal(mm, keep, j), faiss=faiss)
+            images_root=str(root), blocks=_journal_blocks(keep, j), faiss=faiss)
         journal.remove()
     report.indexed = report.count = index.count
     report.seconds = time.perf_counter() - t0
@@ -239,17 +298,6 @@ def build_index(embedder: ImageEmbedder, images_dir, out_path, *, batch_size: in
 def _items_of(keys: list[str], records: dict) -> dict:
     """Journal records of `keys` -> items columns."""
     return _columns(records[k].item(k) for k in keys)
-
-
-def _fill_from_journal(mm: np.ndarray, keys: list[str], j: dict, rows=None) -> None:
-    """Copy the journal vectors of `keys` into `rows` of `mm` (default 0, 1, ...), one chunk at a time."""
-    by_chunk: dict[int, list[tuple[int, int]]] = {}
-    for dest, k in zip(range(len(keys)) if rows is None else rows, keys):
-        chunk, row = j["records"][k].chunk, j["records"][k].row
-        by_chunk.setdefault(chunk, []).append((dest, row))
-    for chunk, pairs in by_chunk.items():
-        dest, rows = (np.asarray(x) for x in zip(*pairs))
-        mm[dest] = _Journal.vectors(j["chunks"][chunk])[rows]
 
 
 def _log_report(what: str, r: BuildReport) -> None:
@@ -322,28 +370,14 @@ def _add_locked(old: Index, embedder, paths_or_dir, **embed_options) -> tuple[Bu
             replace[row_of_path[key]] = key
         else:
             append.append(key)
-    items = _columns(_record(old, i) for i in range(old.count))
-    for row, key in replace.items():
-        for c, v in zip(_Records.COLUMNS, j["records"][key].item(key)):
-            items[c][row] = v
-    new = _items_of(append, j["records"])
-    for c in _Records.COLUMNS:
-        items[c] += new[c]
-    n_old = old.count
-
-    def fill(mm):
-        mm[:n_old] = old.vectors
-        keys = list(replace.values()) + append
-        rows = list(replace) + list(range(n_old, n_old + len(append)))
-        _fill_from_journal(mm, keys, j, rows)
-
-    index = _write_index(
-        path, model=old.model, fingerprint=old.fingerprint, dim=old.dim, dtype=old.dtype,
-        images_root=str(root), items=items, count=n_old + len(append), fill_vectors=fill,
-        created=old.created, faiss="auto" if not old.ivf_params else True, ivf_from=old,
-        new_rows=(list(replace), list(range(n_old, n_old + len(append)))))
+    new_keys = sorted(list(replace.values()) + append)
+    index = old
+    if new_keys:
+        segment = _write_segment(path, _journal_blocks(new_keys, j), start=old.stored_rows, dim=old.dim,
+                                 dtype=old.dtype, model=old.model, fingerprint=old.fingerprint)
+        index = _append_locked(old, [segment], list(replace))
     journal.remove()
-    report.indexed = len(replace) + len(append)
+    report.indexed = len(new_keys)
     return report, index
 
 
@@ -363,15 +397,18 @@ def remove_images(index_path, paths: Sequence = (), *, missing: bool = False,
         stores them).  Any path not in the index raises ValueError and
         changes nothing.
     missing: also remove every image whose file no longer exists.
-    The vectors file is rewritten without the removed rows; an approximate
-    (IVF) index is trained again on what is left.  The writer lock is held
-    from reading the index to committing it (lock_wait: see build_index).
+    The removed rows are marked deleted in a new deletion file (nothing else is
+    rewritten); searches skip them, in the IVF too, and compact_index drops them
+    from disk.  The writer lock is held from reading the index to committing it
+    (lock_wait: see build_index).  A format-1 index must be upgraded first.
     """
     t0 = time.perf_counter()
     path = Path(index_path)
     _read_meta(path)  # a missing index is an error here, not a directory the lock creates
     with _writer_lock(path, "removing images", lock_wait):
-        removed, index = _remove_locked(load_index(path), paths, missing)
+        old = load_index(path, on_disk=True)
+        _require_v2(old, "remove")
+        removed, index = _remove_locked(old, paths, missing)
     if removed:
         log.info("removed %d image(s) from %s in %.1f s; %d left", len(removed), path,
                  time.perf_counter() - t0, index.count)
@@ -399,18 +436,7 @@ def _remove_locked(old: Index, paths, missing: bool) -> tuple[list[str], Index]:
         drop.update(i for i, p in enumerate(old.paths) if not old.full_path(p).is_file())
     if not drop:
         return [], old
-    keep = np.asarray([i for i in range(old.count) if i not in drop], dtype=np.int64)
-    items = _columns(_record(old, i) for i in keep)
-
-    def fill(mm):
-        for start in range(0, len(keep), 65536):  # in slices: a memory map need not be read whole
-            rows = keep[start:start + 65536]
-            mm[start:start + len(rows)] = old.vectors[rows]
-
-    index = _write_index(
-        path, model=old.model, fingerprint=old.fingerprint, dim=old.dim, dtype=old.dtype,
-        images_root=str(old.root), items=items, count=len(keep), fill_vectors=fill, created=old.created,
-        faiss=bool(old.ivf_params) and len(keep) > 0)
+    index = _append_locked(old, [], sorted(drop))
     return sorted(old.paths[i] for i in drop), index
 
 
@@ -449,22 +475,25 @@ def merge_indexes(paths: Sequence, out_path, *, dtype: str | None = None,
             continue
         first_of_sha[sha] = path
         keep.append((part_no, row))
-    items = _columns(_record(parts[pn], r) for pn, r in keep)
 
-    def fill(mm):
-        by_part: dict[int, list[tuple[int, int]]] = {}
-        for dest, (pn, r) in enumerate(keep):
-            by_part.setdefault(pn, []).append((dest, r))
-        for pn, pairs in by_part.items():
-            dest, rows = (np.asarray(x) for x in zip(*pairs))
-            mm[dest] = parts[pn].vectors[rows]
+    def blocks():
+        for a in range(0, len(keep), 65536):
+            rows = keep[a:a + 65536]
+            vectors = np.empty((len(rows), first.dim), np.float32)
+            by_part: dict[int, list[tuple[int, int]]] = {}
+            for dest, (pn, r) in enumerate(rows):
+                by_part.setdefault(pn, []).append((dest, r))
+            for pn, pairs in by_part.items():
+                dest, src = (np.asarray(x) for x in zip(*pairs))
+                vectors[dest] = parts[pn].vectors[src]
+            yield _columns(_record(parts[pn], r) for pn, r in rows), vectors
 
     out = Path(out_path)
     _check_target(out)
     with _writer_lock(out, "merging indexes", lock_wait):
         index = _write_index(out, model=first.model, fingerprint=first.fingerprint, dim=first.dim,
-                             dtype=dtype or first.dtype, images_root=str(first.root), items=items,
-                             count=len(keep), fill_vectors=fill, faiss=faiss)
+                             dtype=dtype or first.dtype, images_root=str(first.root), blocks=blocks(),
+                             faiss=faiss)
     report.indexed = report.count = index.count
     report.seconds = time.perf_counter() - t0
     _log_report("merged into", report)
@@ -496,13 +525,127 @@ def write_vectors_index(out_path, vectors, paths: Sequence[str], *, model: str, 
              "width": [int(x) for x in widths] if widths is not None else [0] * n,
              "height": [int(x) for x in heights] if heights is not None else [0] * n}
 
-    def fill(mm):
-        for start in range(0, n, 65536):  # normalise block by block: no full float32 copy
-            mm[start:start + 65536] = _normalise_rows(v[start:start + 65536], f"vectors[{start}:]")
+    def blocks():
+        for a in range(0, n, 65536):  # normalise block by block: no full float32 copy
+            yield ({c: col[a:a + 65536] for c, col in items.items()},
+                   _normalise_rows(v[a:a + 65536], f"vectors[{a}:]"))
 
     out = Path(out_path)
     _check_target(out)
     with _writer_lock(out, "writing vectors", lock_wait):
         return _write_index(out, model=model, fingerprint=fingerprint, dim=v.shape[1], dtype=dtype,
-                            images_root=str(Path(images_root).resolve()), items=items, count=n,
-                            fill_vectors=fill, faiss=faiss)
+                            images_root=str(Path(images_root).resolve()), blocks=blocks(), faiss=faiss)
+
+
+class Compacted(NamedTuple):
+    """What `compact_index` did: live rows now, deleted rows dropped, segments before (now 1)."""
+
+    count: int
+    dropped: int
+    segments: int
+
+
+def compact_index(index_path, *, lock_wait: float | None = None) -> Compacted:
+    """Rewrite the index at `index_path` as one segment of its live rows, dropping the rows that
+    removals and replacements marked deleted; the IVF is filled again with its trained
+    quantizer (trained anew if the index has grown past 4x what it was trained on).
+
+    Costs a full rewrite, like a build without the model: run it when deleted rows or
+    segments have piled up (`koclip index info` shows both).  Committed atomically, the
+    writer lock held throughout (lock_wait: see build_index).
+    """
+    path = Path(index_path)
+    _read_meta(path)  # a missing index is an error here, not a directory the lock creates
+    with _writer_lock(path, "compacting", lock_wait):
+        old = load_index(path, on_disk=True)
+        _require_v2(old, "compact")
+        before = Compacted(old.count, old.deleted, old.segments)
+        if old.segments == 1 and not old.deleted:
+            return before
+        index = _write_index(path, model=old.model, fingerprint=old.fingerprint, dim=old.dim, dtype=old.dtype,
+                             images_root=str(old.root), blocks=old.record_blocks(), created=old.created,
+                             faiss=True if old.ivf_params else "auto", ivf_from=old.ivf_params)
+    log.info("compacted %s: %d rows in 1 segment (were %d segments, %d deleted rows)", path, index.count,
+             before.segments, before.dropped)
+    return before
+
+
+def upgrade_index(index_path, *, lock_wait: float | None = None) -> bool:
+    """Rewrite a format-1 index (vectors .npy + items .json) at `index_path` as format 2, in place
+    and atomically; False (and nothing written) if it is format 2 already.
+
+    Rows, paths, records and settings stay as they were; the faiss IVF file, if any, is
+    kept as the one part of the new IVF.  Older koclip versions cannot read the result.
+    """
+    path = Path(index_path)
+    if _read_meta(path).get("format_version", 0) >= FORMAT_VERSION:
+        return False
+    with _writer_lock(path, "upgrading", lock_wait):
+        old = load_index(path)
+        if old.format_version >= FORMAT_VERSION:  # another process upgraded it meanwhile
+            return False
+        meta = _new_meta(path, model=old.model, fingerprint=old.fingerprint, dim=old.dim, dtype=old.dtype,
+                         images_root=old.meta["images_root"], created=old.created)
+        meta["segments"] = [_write_segment(path, old.record_blocks(), start=0, dim=old.dim, dtype=old.dtype,
+                                           model=old.model, fingerprint=old.fingerprint)]
+        meta["count"] = meta["segments"][0]["rows"]
+        entry = old.meta["files"].get("ivf")
+        if entry and old.ivf_params and old.count:
+            (part, _, _), = old._load_ivf()[0]
+            trained = empty_like(part)
+            meta["ivf"] = dict(old.ivf_params, trained=_write_faiss(path, "trained", trained),
+                               parts=[dict(entry, start=0, stop=old.count)])
+        _commit_meta(path, meta)
+    log.info("upgraded %s to format %d", path, FORMAT_VERSION)
+    return True
+
+
+def add_segments(index_path, files: Sequence, *, lock_wait: float | None = None) -> Index:
+    """Commit segment files written elsewhere (segments.write_segment_file: other processes or hosts,
+    each writing its own) into the index at `index_path`, all in one commit.
+
+    Each file must be a segment of this index's model, dim and dtype.  Their rows are
+    appended in the order given; a stored path that the index already holds is replaced
+    (its old row marked deleted), and a path given twice is an error.  The files are
+    hard-linked into the index (copied where that fails) before the commit, so a crash
+    at any point leaves them where they were and the index as it was.
+    """
+    path = Path(index_path)
+    _read_meta(path)
+    with _writer_lock(path, "adding segments", lock_wait):
+        old = load_index(path, on_disk=True)
+        _require_v2(old, "add")
+        start, segments, incoming = old.stored_rows, [], []
+        for f in map(Path, files):
+            entry, paths = _link_segment(f, path, old, start)
+            segments.append(entry)
+            start += entry["rows"]
+            incoming += paths
+        if len(set(incoming)) != len(incoming):
+            raise ValueError(f"the segments to add hold some stored paths more than once (e.g. "
+                             f"{next(p for p in incoming if incoming.count(p) > 1)!r}); nothing was added")
+        new = set(incoming)
+        return _append_locked(old, segments, [i for i, p in enumerate(old.paths) if p in new])
+
+
+def _link_segment(source: Path, index_dir: Path, index: Index, start: int) -> tuple[dict, list[str]]:
+    """Check a segment file written elsewhere against `index` and give it a fresh name inside the
+    index directory (a hard link, else a copy): -> (its meta.json entry, its stored paths)."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(str(source), page_checksum_verification=True)
+        rows = pf.metadata.num_rows
+    except (OSError, ValueError) as e:
+        raise IndexFileError(f"segment {source} cannot be read as Parquet ({e})") from None
+    _check_schema(source, pf.schema_arrow, index.meta)
+    paths = read_paths(pf, source)
+    paths = paths if isinstance(paths, list) else paths.to_pylist()
+    target = index_dir / f"segment.{secrets.token_hex(6)}.parquet"
+    try:
+        os.link(source, target)
+    except OSError:
+        with replacing(target) as tmp:
+            shutil.copyfile(source, tmp)
+    fsync_dir(index_dir)
+    return _segment_entry(target, start, rows), paths
