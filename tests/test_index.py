@@ -700,7 +700,7 @@ def test_remove_of_an_unknown_path_changes_nothing(photos, tmp_path):
     assert load_index(tmp_path / "p.kidx").count == len(images)
 
 
-def test_remove_retrains_the_faiss_index_on_what_is_left(tmp_path):
+def test_removed_rows_leave_the_faiss_index_searching_what_is_left(tmp_path):
     v = np.random.default_rng(5).standard_normal((600, 16))
     kidx.write_vectors_index(tmp_path / "v.kidx", v, [f"{i:04d}" for i in range(600)], model="tiny",
                              fingerprint="tiny-v1", faiss=True, images_root=tmp_path)

@@ -5,7 +5,9 @@
     koclip index add --model NAME INDEX PATH...      add image files or folders
     koclip index remove INDEX [PATH...] [--missing]  remove images (by path, or those whose file is gone)
     koclip index merge OUT PART...                   join shards built by the same model
-    koclip index info INDEX                          model, counts, files
+    koclip index compact INDEX                       rewrite as one segment, dropping deleted rows
+    koclip index upgrade INDEX                       convert a format-1 index to format 2, in place
+    koclip index info INDEX                          model, counts, segments, settings
     koclip index search INDEX TEXT... [-k 10] [--backend auto|exact|faiss]
 
 The model NAME is resolved with `koclip.load_embedder`.
@@ -112,12 +114,46 @@ def _merge(args) -> int:
     return 0
 
 
+def _compact(args) -> int:
+    done = kidx.compact_index(args.index, lock_wait=args.wait)
+    if done.segments == 1 and not done.dropped:
+        print(f"{args.index}: already one segment with no deleted rows; nothing to do")
+    else:
+        print(f"{args.index}: {done.count} images in 1 segment (was {done.segments} segments; "
+              f"{done.dropped} deleted rows dropped)")
+    return 0
+
+
+def _upgrade(args) -> int:
+    if kidx.upgrade_index(args.index, lock_wait=args.wait):
+        print(f"{args.index}: upgraded to format 2 (Parquet segments); koclip before format 2 cannot read it")
+    else:
+        print(f"{args.index}: already format 2; nothing to do")
+    return 0
+
+
 def _info(args) -> int:
-    index = kidx.load_index(args.index)
+    index = kidx.load_index(args.index, on_disk=True)  # the vectors are not needed
     meta = dict(index.meta, images_root=str(index.root))  # where the photos are found now
-    print(json.dumps({k: meta[k] for k in ("model", "fingerprint", "dim", "dtype", "count", "created",
-                                           "updated", "images_root", "ivf") if k in meta},
-                     indent=1, ensure_ascii=False))
+    info = {k: meta[k] for k in ("format_version", "model", "fingerprint", "dim", "dtype", "count", "created",
+                                 "updated", "images_root") if k in meta}
+    info["format_version"] = index.format_version
+    if index.format_version >= 2:
+        info.update(segments=index.segments, deleted_rows=index.deleted,
+                    bytes=sum(e["bytes"] for e in meta["segments"] + meta["deletions"]))
+    ivf = meta.get("ivf")
+    if ivf:
+        info["ivf"] = {k: v for k, v in ivf.items() if k not in ("parts", "trained")}
+        if "parts" in ivf:
+            info["ivf"].update(parts=len(ivf["parts"]), bytes=sum(p["bytes"] for p in ivf["parts"]))
+    else:
+        info["ivf"] = None
+    print(json.dumps(info, indent=1, ensure_ascii=False))
+    if index.format_version < 2:
+        print(f"# format 1: read-only; `koclip index upgrade {args.index}` converts it")
+    elif index.deleted > index.count or index.segments > 64:
+        print(f"# {index.deleted} deleted rows in {index.segments} segments: `koclip index compact {args.index}` "
+              "rewrites it without them")
     return 0
 
 
@@ -199,6 +235,16 @@ def register(subparsers) -> None:
     q.add_argument("--faiss", choices=sorted(_FAISS), default="auto")
     writer(q)
     q.set_defaults(func=_merge)
+
+    q = sub.add_parser("compact", help="rewrite an index as one segment, dropping removed and replaced rows")
+    q.add_argument("index")
+    writer(q)
+    q.set_defaults(func=_compact)
+
+    q = sub.add_parser("upgrade", help="convert a format-1 index (vectors .npy + items .json) to format 2")
+    q.add_argument("index")
+    writer(q)
+    q.set_defaults(func=_upgrade)
 
     q = sub.add_parser("info", help="show an index's model, size and settings")
     q.add_argument("index")

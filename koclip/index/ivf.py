@@ -93,8 +93,9 @@ def _train(rows: Rows, nlist: int, rng: np.random.Generator, seed: int):
     """A trained, empty faiss IVF over `rows`: k-means on a sample of 40 points per list.
 
     IVF (not HNSW) because on 2 CPU cores HNSW took ~80 s per 100k 512-d vectors to
-    build against ~15 s for IVF, for similar latency at recall 0.95.  Lists hold fp16
-    codes for float16 indexes (scores exact on the stored values), float32 otherwise.
+    build against ~15 s for IVF, for similar latency at recall 0.95.  Lists hold the
+    stored vectors themselves (not residuals from their list's centroid): fp16 codes for
+    float16 indexes, float32 otherwise, so an IVF score is the exact search's score.
     """
     # Deferred: faiss loads on first use, not with koclip.index.
     import faiss
@@ -108,6 +109,7 @@ def _train(rows: Rows, nlist: int, rng: np.random.Generator, seed: int):
     if rows.dtype == "float16":
         ivf = faiss.IndexIVFScalarQuantizer(quantizer, rows.dim, nlist, faiss.ScalarQuantizer.QT_fp16,
                                             faiss.METRIC_INNER_PRODUCT)
+        ivf.by_residual = False  # fp16 residuals would round differently from the stored fp16 vectors
     else:
         ivf = faiss.IndexIVFFlat(quantizer, rows.dim, nlist, faiss.METRIC_INNER_PRODUCT)
     ivf.cp.seed = seed

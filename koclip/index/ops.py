@@ -586,6 +586,7 @@ def upgrade_index(index_path, *, lock_wait: float | None = None) -> bool:
             return False
         meta = _new_meta(path, model=old.model, fingerprint=old.fingerprint, dim=old.dim, dtype=old.dtype,
                          images_root=old.meta["images_root"], created=old.created)
+        meta["images_root_relative"] = old.meta.get("images_root_relative")  # in place: as it was
         meta["segments"] = [_write_segment(path, old.record_blocks(), start=0, dim=old.dim, dtype=old.dtype,
                                            model=old.model, fingerprint=old.fingerprint)]
         meta["count"] = meta["segments"][0]["rows"]
