@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Container, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -27,7 +27,7 @@ class _Batch:
     dups: list
 
 
-def _load_batch(embedder, files: Sequence[tuple[str, Path]], known: frozenset | set) -> _Batch:
+def _load_batch(embedder, files: Sequence[tuple[str, Path]], known: Container[str]) -> _Batch:
     """Read, hash, decode and preprocess one batch (runs in a worker thread).
 
     files: (key, absolute path).  Files whose sha256 is in `known` are not
@@ -57,7 +57,7 @@ def _load_batch(embedder, files: Sequence[tuple[str, Path]], known: frozenset | 
 
 def _embed_files(embedder, files: list[tuple[str, Path]], journal: _Journal, *, batch_size: int,
                  num_workers: int, progress: bool, checkpoint_every: int, done: set[str],
-                 known: frozenset | set = frozenset()) -> tuple[int, float, float]:
+                 known: Container[str] = frozenset()) -> tuple[int, float, float]:
     """Embed the `files` not in `done` into `journal` chunks.
 
     Returns (images run through the model, seconds in encode_pixels, seconds in the loop).

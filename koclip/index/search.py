@@ -82,8 +82,9 @@ def _load_once(path: Path, embedder, on_disk) -> Index:
                  vectors=vectors, on_disk=False)
 
 
-def _open_v2(path: Path, meta: dict, on_disk: bool | None = None) -> Index:
-    """Open the format-2 index that `meta` describes (committed, or about to be: see ops)."""
+def _open_v2(path: Path, meta: dict, on_disk: bool | None = None, *, lazy: bool = False) -> Index:
+    """Open the format-2 index that `meta` describes (committed, or about to be: see ops).
+    lazy: read nothing but the footers now, not even the paths (a writer's view of its commit)."""
     rows_of = {s["name"]: s["rows"] for s in meta["segments"]}
     dead: dict[str, np.ndarray] = {}
     for d in meta["deletions"]:
@@ -96,7 +97,7 @@ def _open_v2(path: Path, meta: dict, on_disk: bool | None = None) -> Index:
                                  "is inconsistent, rebuild it")
     segments = [_Segment(s["name"], s["start"], s["rows"], dead.get(s["name"], _NO_ROWS),
                          open_segment(path / s["name"], s, meta)) for s in meta["segments"]]
-    return Index(path, meta, segments, on_disk=on_disk)
+    return Index(path, meta, segments, on_disk=on_disk, lazy=lazy)
 
 
 class _Segment(NamedTuple):
@@ -166,7 +167,7 @@ class Index:
     """
 
     def __init__(self, path: Path, meta: dict, segments: list[_Segment], *, columns: dict | None = None,
-                 flat=None, vectors: np.ndarray | None = None, on_disk: bool | None = None):
+                 flat=None, vectors: np.ndarray | None = None, on_disk: bool | None = None, lazy: bool = False):
         self.path = path
         self.meta = meta
         self.model = meta["model"]
@@ -189,7 +190,7 @@ class Index:
         self._ivf = None  # ([(faiss IVF part, start, stop)], exact tail (flat, row ids) or None)
         self._selector = None
         self._path_values = None
-        if self.format_version >= 2:
+        if self.format_version >= 2 and not lazy:
             self._path_values = self._read_paths()
             if not self.on_disk:
                 self._load_vectors()
@@ -240,7 +241,7 @@ class Index:
         with self._lock:
             if name not in self._columns:
                 if name == "path":
-                    values = self._path_values
+                    values = self._path_values_()
                     self._columns[name] = values if isinstance(values, list) else values.to_pylist()
                 else:
                     out = []
@@ -268,11 +269,18 @@ class Index:
             return [x for p in parts for x in (p if isinstance(p, list) else p.to_pylist())]
         return pa.chunked_array(parts, pa.string())
 
+    def _path_values_(self):
+        """The paths as read: an Arrow array (or a list, see segments.read_paths), read on first use."""
+        with self._lock:
+            if self._path_values is None:
+                self._path_values = self._read_paths()
+            return self._path_values
+
     def _paths_at(self, positions: list[int]) -> list[str]:
-        if "path" in self._columns or isinstance(self._path_values, list):
-            paths = self._columns.get("path", self._path_values)
-            return [paths[i] for i in positions]
-        return self._path_values.take(positions).to_pylist() if positions else []
+        values = self._path_values_() if "path" not in self._columns else self._columns["path"]
+        if isinstance(values, list):
+            return [values[i] for i in positions]
+        return values.take(positions).to_pylist() if positions else []
 
     # ------------------------------------------------------------ vectors and row ids
 
