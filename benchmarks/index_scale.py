@@ -127,7 +127,8 @@ def write_index(path: str, n: int, seed: int, faiss: bool) -> dict:
                                  images_root=str(Path(path).parent))
     seconds = time.perf_counter() - t
     meta = json.loads((Path(path) / "meta.json").read_text())
-    return {"seconds": seconds, "ivf": {k: v for k, v in (meta.get("ivf") or {}).items() if k not in ("parts", "trained")},
+    ivf = {k: v for k, v in (meta.get("ivf") or {}).items() if k not in ("parts", "trained")}
+    return {"seconds": seconds, "ivf": ivf,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "bytes": sum(s for _, _, s in dir_files(Path(path)).values())}
 
@@ -215,6 +216,7 @@ def search(path: str, queries: str, truth: str, on_disk: bool | None) -> dict:
         t = time.perf_counter()
         index.search(x, k=10, backend="faiss")
         cold.append(time.perf_counter() - t)
+    first = proc_status()  # what 5 queries brought in: the lists they visited
     warm = []
     hits = []
     for x in q:
@@ -222,13 +224,16 @@ def search(path: str, queries: str, truth: str, on_disk: bool | None) -> dict:
         hits.append(index.search(x, k=10, backend="faiss"))
         warm.append(time.perf_counter() - t)
     after = proc_status()
-    recall = float(np.mean([len({int(h.path[:8]) for h in got} & set(w.tolist())) / 10 for got, w in zip(hits, want)]))
+    recall = float(np.mean([len({int(h.path[:8]) for h in got} & set(w.tolist())) / 10
+                            for got, w in zip(hits, want)]))
     fp16 = index.count * index.dim * 2
-    return {"n": index.count, "format": getattr(index, "format_version", 1), "on_disk": getattr(index, "on_disk", False),
+    return {"n": index.count, "format": getattr(index, "format_version", 1),
+            "on_disk": getattr(index, "on_disk", False),
             "load_s": load_s, "cold_ms": 1e3 * float(np.median(cold)), "warm_ms": 1e3 * float(np.median(warm)),
             "recall": recall, "nprobe": index.ivf_params["nprobe"], "nlist": index.ivf_params["nlist"],
             "rss_load": loaded["VmRSS"] - base["VmRSS"], "anon_after": after["RssAnon"] - base["RssAnon"],
             "file_after": after["RssFile"] - base["RssFile"], "rss_after": after["VmRSS"] - base["VmRSS"],
+            "file_first": first["RssFile"] - base["RssFile"], "rss_first": first["VmRSS"] - base["VmRSS"],
             "fp16_bytes": fp16}
 
 
@@ -318,7 +323,8 @@ def bench_search(args, workdir: Path) -> None:
         print(f"format {fmt}, n {n:,}: write+IVF {r['build_s']:.0f} s (IVF {r['ivf_s']:.0f} s), build peak RSS "
               f"{mb(r['peak_rss'])}, on disk {mb(r['disk'])}; load {r['load_s']:.2f} s, RSS +{mb(r['rss_load'])}; "
               f"IVF {r['nlist']}/{r['nprobe']}: cold {r['cold_ms']:.1f} ms, warm {r['warm_ms']:.2f} ms, "
-              f"recall@10 {r['recall']:.3f}; after {args.queries} queries private +{mb(r['anon_after'])}, "
+              f"recall@10 {r['recall']:.3f}; after 5 queries RSS +{mb(r['rss_first'])} (file pages "
+              f"+{mb(r['file_first'])}); after {args.queries} more private +{mb(r['anon_after'])}, "
               f"mapped file pages +{mb(r['file_after'])}; fp16 vectors {mb(r['fp16_bytes'])} "
               f"(private/fp16 {r['anon_after'] / r['fp16_bytes']:.3f}, all resident/fp16 "
               f"{r['rss_after'] / r['fp16_bytes']:.3f})", flush=True)

@@ -3,7 +3,8 @@
 For each size (100k and 1M; --quick: 100k only) it writes an index of
 synthetic L2-normalised fp16 vectors, then measures in this process:
 
-    load       load_index time and RSS growth (the vectors, held once, by faiss)
+    load       load_index(on_disk=False) time and RSS growth (the vectors, held once, by faiss);
+               benchmarks/index_scale.py measures the IVF kept on disk, and adds
     exact      one-query top-10 latency, brute force over every vector (median of --queries)
     ivf build  faiss IVF train + add + nprobe calibration time, and its RSS growth
     ivf        one-query top-10 latency with the calibrated nprobe, and recall@10 vs exact
@@ -79,7 +80,7 @@ def run(kind: str, n: int, n_queries: int, workdir: Path) -> dict:
 
     rss0 = rss_bytes()
     t = time.perf_counter()
-    index = kidx.load_index(path)
+    index = kidx.load_index(path, on_disk=False)  # vectors and IVF in memory (index_scale.py: on disk)
     load_s = time.perf_counter() - t
     rss_load = rss_bytes() - rss0
     exact_ms = median_ms(lambda q: index.search(q, k=10, backend="exact"), queries[:50])

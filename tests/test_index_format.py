@@ -230,7 +230,10 @@ def test_writers_other_than_full_rewrites_refuse_format_1_and_name_upgrade(tmp_p
     out = tmp_path / "v1.kidx"
     shutil.copytree(GALLERY, out)
     meta = (out / "meta.json").read_bytes()
-    for write in (lambda: remove_images(out, ["beach.jpg"]), lambda: compact_index(out)):
+    photo = tmp_path / "new.png"
+    solid((1, 2, 3)).save(photo)
+    for write in (lambda: remove_images(out, ["beach.jpg"]), lambda: compact_index(out),
+                  lambda: add_images(out, None, [photo], progress=False)):
         with pytest.raises(IndexFileError, match=r"format 1.*koclip index upgrade .*v1.kidx"):
             write()
     assert (out / "meta.json").read_bytes() == meta
@@ -328,8 +331,8 @@ def test_segments_written_by_several_writers_are_committed_at_once(gallery, tmp_
     files = []
     for w in range(2):  # as two hosts (or Ray tasks) would, each its own file, knowing only the model
         v = synthetic(4, 16, w)
-        items = {"path": [f"host{w}/{i}.jpg" for i in range(4)], "size": [1] * 4, "sha256": [f"{w}{i}" * 32 for i in range(4)],
-                 "width": [2] * 4, "height": [3] * 4}
+        items = {"path": [f"host{w}/{i}.jpg" for i in range(4)], "size": [1] * 4,
+                 "sha256": [f"{w}{i}" * 32 for i in range(4)], "width": [2] * 4, "height": [3] * 4}
         files.append(tmp_path / f"part{w}.parquet")
         kidx.write_segment_file(files[-1], [(items, v)], dim=16, dtype="float16", model="tiny", fingerprint="tiny-v1")
     before = files_of(out)

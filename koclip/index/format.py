@@ -417,11 +417,13 @@ def _entry_problem(entry, stem: str, where: str, keys: tuple[str, ...]) -> str |
     name = entry.get("name") if isinstance(entry, dict) else None
     match = _DATA_FILE.match(name) if isinstance(name, str) else None
     if not match or match.group(1) != stem or match.group(2) != _SUFFIX[stem]:
-        return f"has {where} {entry!r}; expected {{\"name\": \"{stem}.<hex>.{_SUFFIX[stem]}\", ...}} naming a file inside the index"
+        return (f"has {where} {entry!r}; expected {{\"name\": \"{stem}.<hex>.{_SUFFIX[stem]}\", ...}} naming a "
+                "file inside the index")
     for key in keys:
         value = entry.get(key)
-        if not (isinstance(value, str) if key.endswith("crc32") else _is_count(value)):
-            return f"has {where} {entry!r}, whose {key} must be {'a hex string' if key.endswith('crc32') else 'an integer'}"
+        crc = key.endswith("crc32")
+        if not (isinstance(value, str) if crc else _is_count(value)):
+            return f"has {where} {entry!r}, whose {key} must be {'a hex string' if crc else 'an integer'}"
     return None
 
 

@@ -104,12 +104,15 @@ def _check_target(out: Path) -> None:
         raise IndexFileError(f"{out} exists and is not a koclip index; choose another output path")
 
 
-def _require_v2(index: Index, what: str) -> None:
-    """Writers other than full rewrites need format 2: a format-1 index is upgraded first, on request."""
-    if index.format_version < 2:
+def _require_v2(index: Index | dict, what: str, path: Path | None = None) -> None:
+    """Writers other than full rewrites need format 2: a format-1 index is upgraded first, on request.
+    index: the loaded index, or its meta.json (checked before loading it)."""
+    version = index.get("format_version", 1) if isinstance(index, dict) else index.format_version
+    path = path or index.path
+    if version < 2:
         raise IndexFileError(
-            f"index {index.path} is in format {index.format_version}, which koclip reads but no longer changes; "
-            f"run `koclip index upgrade {index.path}` (it rewrites the index as format 2 in place, atomically) "
+            f"index {path} is in format {version}, which koclip reads but no longer changes; "
+            f"run `koclip index upgrade {path}` (it rewrites the index as format 2 in place, atomically) "
             f"and then the {what} again")
 
 
@@ -324,7 +327,7 @@ def add_images(index_path, embedder: ImageEmbedder, paths_or_dir, *, batch_size:
     """
     t0 = time.perf_counter()
     path = Path(index_path)
-    _read_meta(path)  # a missing index is an error here, not a directory the lock creates
+    _require_v2(_read_meta(path), "add", path)  # a missing index is an error here, not a directory the lock creates
     with _writer_lock(path, "adding images", lock_wait):
         old = load_index(path, embedder, on_disk=True)  # the vectors stay on disk: only new rows are written
         _require_v2(old, "add")
@@ -410,7 +413,7 @@ def remove_images(index_path, paths: Sequence = (), *, missing: bool = False,
     """
     t0 = time.perf_counter()
     path = Path(index_path)
-    _read_meta(path)  # a missing index is an error here, not a directory the lock creates
+    _require_v2(_read_meta(path), "remove", path)  # a missing index is an error here, not a directory the lock creates
     with _writer_lock(path, "removing images", lock_wait):
         old = load_index(path, on_disk=True)
         _require_v2(old, "remove")
@@ -561,7 +564,7 @@ def compact_index(index_path, *, lock_wait: float | None = None) -> Compacted:
     writer lock held throughout (lock_wait: see build_index).
     """
     path = Path(index_path)
-    _read_meta(path)  # a missing index is an error here, not a directory the lock creates
+    _require_v2(_read_meta(path), "compact", path)  # a missing index is an error here, not a directory the lock creates
     with _writer_lock(path, "compacting", lock_wait):
         old = load_index(path, on_disk=True)
         _require_v2(old, "compact")
@@ -618,7 +621,7 @@ def add_segments(index_path, files: Sequence, *, lock_wait: float | None = None)
     at any point leaves them where they were and the index as it was.
     """
     path = Path(index_path)
-    _read_meta(path)
+    _require_v2(_read_meta(path), "add", path)
     with _writer_lock(path, "adding segments", lock_wait):
         old = load_index(path, on_disk=True)
         _require_v2(old, "add")
