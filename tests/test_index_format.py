@@ -525,3 +525,14 @@ def test_cli_upgrades_compacts_informs_and_searches_format_2(tmp_path, monkeypat
     assert main(["index", "remove", str(v1), "beach.jpg"]) == 2
     assert "koclip index upgrade" in capsys.readouterr().err
     assert main(["index", "upgrade", str(v1)]) == 0 and load_index(v1).format_version == 2
+
+
+def test_a_search_after_another_process_compacted_the_index_says_to_load_it_again(vectors_index):
+    out, v, rng = vectors_index
+    remove_images(out, ["0001"])
+    index = load_index(out)  # its faiss files are read on the first approximate search
+    assert index.search(v[5], k=1, backend="exact")[0].path == "0005"
+    compact_index(out)  # replaces every file the loaded index named
+    with pytest.raises(IndexFileError, match="rewrote the index since it was loaded; load it again"):
+        index.search(v[5], k=1, backend="faiss")
+    assert index.search(v[5], k=1, backend="exact")[0].path == "0005"  # what it read stays usable

@@ -480,8 +480,13 @@ class Index:
                                          f"the index {self.count}; rebuild the index")
                 self._ivf = ([(part, 0, self.count)], None)
             else:
-                parts = [(_ivf.read_part(self.path / p["name"], p, self.dim, on_disk=self.on_disk), p["start"],
-                          p["stop"]) for p in params["parts"]]
+                try:
+                    parts = [(_ivf.read_part(self.path / p["name"], p, self.dim, on_disk=self.on_disk),
+                              p["start"], p["stop"]) for p in params["parts"]]
+                except FileNotFoundError as e:
+                    # Read on the first approximate search: a compaction since loading may have replaced it.
+                    raise IndexFileError(f"faiss file {e.filename} of {self.path} is gone: another process "
+                                         "rewrote the index since it was loaded; load it again") from None
                 self._ivf = (parts, self._tail(params["parts"][-1]["stop"]))
             return self._ivf
 
