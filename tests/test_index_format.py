@@ -536,3 +536,21 @@ def test_a_search_after_another_process_compacted_the_index_says_to_load_it_agai
     with pytest.raises(IndexFileError, match="rewrote the index since it was loaded; load it again"):
         index.search(v[5], k=1, backend="faiss")
     assert index.search(v[5], k=1, backend="exact")[0].path == "0005"  # what it read stays usable
+
+
+def test_the_apps_gallery_field_reads_a_format_2_index_and_a_format_1_one(gallery):
+    from types import SimpleNamespace
+
+    from koclip_app import support
+
+    root, out = gallery
+    add_images(out, TinyEmbedder(), root / "new", progress=False)
+    remove_images(out, ["reds/red.png"])
+    g = support.gallery_index(SimpleNamespace(embedder=TinyEmbedder()), out)  # a .kidx path typed in the field
+    assert g.origin == "precomputed" and g.index.format_version == 2 and g.index.count == 22
+    hits = g.index.search(TinyEmbedder().embed([solid((230, 20, 20), (50, 50))])[0], k=2)
+    assert [h.path for h in hits] != [] and "reds/red.png" not in [h.path for h in hits]
+    assert all(g.image_path(h.path).is_file() for h in hits)
+    mini = SimpleNamespace(embedder=SimpleNamespace(name="koclip-mini", fingerprint=load_index(GALLERY).fingerprint,
+                                                    dim=768))
+    assert support.gallery_index(mini, GALLERY).index.count == 34
