@@ -225,3 +225,73 @@ def test_registry_preset_loads_its_checkpoint_layout_from_the_hub_cache(preset, 
         assert np.abs(np.asarray(logits) - g["logits_per_image"]).max() <= 1e-4 * max(1.0, np.abs(
             g["logits_per_image"]).max())
     assert model.scoring == ("softmax" if preset == "clip-b32" else "sigmoid")
+
+
+# ---------------------------------------------------------------- memory: one tensor at a time
+
+@pytest.mark.parametrize("sides", [{"name": "clip_legacy"}, {"name": "siglip_spiece"},
+                                   {"text": "mclip", "vision": "clip"}],
+                         ids=["clip-bin", "siglip-safetensors", "mclip-bin+clip-safetensors"])
+def test_loading_passes_each_tensor_on_before_reading_the_next(sides, parity_fixture, monkeypatch):
+    # What keeps loading memory near the checkpoint's size: every tensor that reaches the model is
+    # (a view of) the one read last, so the reader is never ahead with the rest of the file in memory.
+    from koclip import loading
+    from koclip.formats import checkpoints
+
+    last, passed = [], []
+    real_read, real_assign = checkpoints.read_tensors, loading.assign
+
+    def reading(path):
+        items, torch_layout = real_read(path)
+
+        def recorded():
+            for name, x in items:
+                last[:] = [name, x]
+                yield name, x
+
+        return recorded(), torch_layout
+
+    def assigning(model, items, source, **kw):
+        def checked():
+            for name, x in items:
+                assert np.shares_memory(x, last[1]), f"{name} is passed on after {last[0]} was read"
+                passed.append(name)
+                yield name, x
+
+        return real_assign(model, checked(), source, **kw)
+
+    monkeypatch.setattr(checkpoints, "read_tensors", reading)
+    monkeypatch.setattr(loading, "assign", assigning)
+    koclip.load(**{side: str(parity_fixture(d)) for side, d in sides.items()})
+    assert len(passed) > 20
+
+
+def test_assign_finishes_each_copy_before_taking_the_next_array():
+    # jax copies a host array asynchronously and lets it go only after the copy (at its next call);
+    # assign waits on each copy, so of the arrays it has taken only the last two can still be alive.
+    import weakref
+
+    import jax
+    from flax import nnx
+
+    from koclip.formats.convert import assign
+
+    class Stack(nnx.Module):
+        def __init__(self, n, size):
+            self.ws = nnx.List([nnx.Param(jax.numpy.zeros(size)) for _ in range(n)])
+
+    n, size = 12, 4_000_000  # 16 MB each: copies long enough to be still running without the wait
+    model = nnx.eval_shape(lambda: Stack(n, size))
+    taken = []
+
+    def arrays():
+        for i in range(n):
+            earlier = [j for j, ref in enumerate(taken[:-2]) if ref() is not None]
+            assert not earlier, f"arrays {earlier} are still held when array {i} is taken"
+            buf = np.empty(4 * size + 4, np.uint8)  # 4 bytes in: unaligned, so jax copies rather than aliases
+            taken.append(weakref.ref(buf))
+            yield f"ws.{i}", buf[4:].view(np.float32)
+            del buf
+
+    assign(model, arrays(), "test")
+    assert np.asarray(model.ws[n - 1][...]).shape == (size,)

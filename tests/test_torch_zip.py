@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from koclip.errors import CheckpointError
-from koclip.formats.torch_zip import read_torch_state_dict
+from koclip.formats.torch_zip import iter_torch_state_dict, read_torch_state_dict
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "torch_zip"
 EXPECTED_DTYPES = {
@@ -177,6 +177,23 @@ def test_legacy_storage_view_is_honoured(tmp_path):
     pkl = _dict_pickle({"v": _tensor(_storage("FloatStorage", "0", 6, ("9", 2, 3), legacy=True), 1, (2,), (1,))})
     sd = read_torch_state_dict(_write_legacy(tmp_path / "view.pth", pkl, {"0": (6, data.tobytes())}))
     np.testing.assert_array_equal(sd["v"], [3.0, 4.0])
+
+
+def test_iteration_reads_a_storage_only_when_its_tensor_is_reached(tmp_path):
+    # Storage "1" is missing: the first tensor still comes, so nothing past it was read yet.
+    pkl = _dict_pickle({"a": _tensor(_storage("FloatStorage", "0", 2), 0, (2,), (1,)),
+                        "b": _tensor(_storage("FloatStorage", "1", 2), 0, (2,), (1,))})
+    items = iter_torch_state_dict(_write_zip(tmp_path / "half.pt", pkl, {"0": np.array([1, 2], "<f4").tobytes()}))
+    name, a = next(items)
+    assert name == "a" and a.tolist() == [1.0, 2.0]
+    with pytest.raises(CheckpointError, match=r"half\.pt: storage '1' is missing"):
+        next(items)
+
+
+def test_iteration_refuses_a_bad_pickle_at_the_call(tmp_path):
+    path = _write_zip(tmp_path / "evil.pt", pickle.dumps({"w": _RunsShell("true")}, protocol=2), {})
+    with pytest.raises(CheckpointError, match=r"evil\.pt: refused to load the global"):
+        iter_torch_state_dict(path)
 
 
 # --- Refusing code.

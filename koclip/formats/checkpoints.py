@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from koclip.config import ModelConfig, TextConfig, VisionConfig
 from koclip.errors import CheckpointError, ConfigError
 from koclip.formats import INDEX_FILES, WEIGHT_FILES, flax_msgpack, safetensors_io
 from koclip.formats.convert import flat_params, rename, torch_to_flax_names
-from koclip.formats.torch_zip import read_torch_state_dict
+from koclip.formats.torch_zip import iter_torch_state_dict
 
 # Tensors that checkpoints carry but the towers do not use.
 _DROP_ALWAYS = [r".*position_ids$", r".*\.num_batches_tracked$"]
@@ -160,29 +159,27 @@ def read_tensors(path) -> tuple[Iterator[tuple[str, np.ndarray]], bool]:
     if path.suffix == ".msgpack":
         return flax_msgpack.flatten(flax_msgpack.read_tree(path), path=str(path)), False
     if path.suffix in (".bin", ".pth", ".pt"):
-        sd = read_torch_state_dict(path)
-
-        def drain():
-            while sd:
-                name = next(iter(sd))
-                yield name, sd.pop(name)
-
-        return drain(), True
+        return iter_torch_state_dict(path), True
     raise CheckpointError(f"{path}: unknown weight file type {path.suffix!r}; "
                           "valid: .safetensors, .msgpack, .bin")
 
 
-def _split(items, prefix_rules: dict[str, str]):
-    """Routes names by prefix to per-part lists (kept lazy per item)."""
-    parts: dict[str, deque] = {k: deque() for k in prefix_rules}
+def _route(items, routes, rest):
+    """Sends each (name, array) of `items` through the pipeline of the first of `routes` ((prefix,
+    pipeline) pairs) whose prefix starts the name, with the prefix stripped, else through `rest`; a
+    pipeline maps an iterable of (name, array) to an iterator of them.
+
+    One tensor at a time and in file order: the reader reads the next tensor only when the one
+    before has been passed on, so a checkpoint is never held whole (routing the file into per-part
+    lists first would hold it all, and the largest tensor's device copy on top).
+    """
     for name, x in items:
-        for part, prefix in prefix_rules.items():
+        for prefix, pipeline in routes:
             if name.startswith(prefix):
-                parts[part].append((name[len(prefix):], x))
+                yield from pipeline([(name[len(prefix):], x)])
                 break
         else:
-            parts.setdefault("", deque()).append((name, x))
-    return parts
+            yield from rest([(name, x)])
 
 
 def _tower_rules(cfg: TextConfig | VisionConfig):
@@ -217,36 +214,44 @@ def dual_encoder_tensors(directory, raw: dict, config: ModelConfig, targets: dic
     targets: koclip's parameter names -> (shape, dtype) (koclip.formats.convert.param_shapes of
     the model to fill), which decide how PyTorch-layout tensors map.
     Returns (iterator of (koclip name, array), the weight file's path as str).  Tensors are read
-    lazily, so each can be freed once it is assigned.
+    lazily, one at a time in file order, so each can be freed once it is assigned.
     """
     weights = find_weights(directory)
     source = str(weights)
     items, torch_layout = read_tensors(weights)
     if raw.get("model_type") == "koclip":
         return items, source
-    parts = _split(items, {"text": "text_model.", "vision": "vision_model.",
-                           "text_projection": "text_projection.", "visual_projection": "visual_projection."})
-    rest = parts.pop("", deque())
 
-    def stream():
-        for part, cfg in (("text", config.text), ("vision", config.vision)):
-            prefix = f"{part}_model."
-            items_ = _drain(parts.pop(part))
-            if part == "vision" and config.vision.kind == "clip":
-                # Dual encoders nest CLIP's transformer one level deeper; the rules strip either form.
-                items_ = (("vision_model." + n, x) for n, x in items_)
-            renamed = rename(items_, _tower_rules(cfg))
-            yield from _to_targets(renamed, _sub_targets(targets, prefix), torch_layout, source, prefix)
-        for part in ("text_projection", "visual_projection"):
-            yield from _to_targets(_drain(parts.pop(part)), _sub_targets(targets, part + "."), torch_layout, source,
-                                   part + ".")
-        for name, x in _drain(rest):
+    def tower(part, cfg):
+        prefix, rules = f"{part}_model.", _tower_rules(cfg)
+        sub = _sub_targets(targets, prefix)
+        # Dual encoders nest CLIP's transformer one level deeper; the rules strip either form.
+        nest = part == "vision" and cfg.kind == "clip"
+
+        def pipeline(pairs):
+            if nest:
+                pairs = (("vision_model." + n, x) for n, x in pairs)
+            return _to_targets(rename(pairs, rules), sub, torch_layout, source, prefix)
+
+        return prefix, pipeline
+
+    def rest(pairs):
+        for name, x in pairs:
             if name in ("logit_scale", "logit_bias"):
                 yield name, np.asarray(x, np.float32).reshape(())
             elif not any(re.match(p, name) for p in _DROP_ALWAYS):
                 raise CheckpointError(f"{source}: unexpected tensor {name!r}")
 
-    return stream(), source
+    routes = [tower("text", config.text), tower("vision", config.vision),
+              *(_projection_route(p, p, targets, torch_layout, source)
+                for p in ("text_projection.", "visual_projection."))]
+    return _route(items, routes, rest), source
+
+
+def _projection_route(stored: str, named: str, targets: dict, torch_layout: bool, source: str):
+    """The route of a projection stored under the prefix `stored`, which the model names `named`."""
+    sub = _sub_targets(targets, named)
+    return stored, lambda pairs: _to_targets(pairs, sub, torch_layout, source, named)
 
 
 def tower_tensors(directory, cfg: TextConfig | VisionConfig, targets: dict):
@@ -401,36 +406,38 @@ def side_tensors(src: Side, targets: dict, *, logit_scale: bool = False):
     """`src`'s tower and projection weights as a composed model names them (`text_model.*` and
     `text_projection.*`, or `vision_model.*` and `visual_projection.*`), plus `logit_scale` when asked
     for; the checkpoint's other tensors (a CLIPModel's other side) are dropped.  targets: the composed
-    model's parameter names -> (shape, dtype).  Returns (iterator, the weight file's path as str)."""
+    model's parameter names -> (shape, dtype).  Returns (iterator, the weight file's path as str); like
+    `dual_encoder_tensors`, it reads the file one tensor at a time."""
     weights = find_weights(src.directory)
     source = str(weights)
     items, torch_layout = read_tensors(weights)
     tower_prefix, projection = _SIDE_PREFIX[src.side]
     if src.raw.get("model_type") == MCLIP_TYPE:
-        parts = _split(items, {"tower": "transformer.", "projection": "LinearTransformation."})
+        stored = ("transformer.", "LinearTransformation.")
         # AutoModel gives XLMRobertaModel a pooler, which mean pooling never reads.
         rules = [(r"^pooler\.", None)] + _tower_rules(src.tower)
     else:
-        parts = _split(items, {"tower": tower_prefix, "projection": projection})
+        stored = (tower_prefix, projection)
         rules = _tower_rules(src.tower)
     other = tuple(p for side, ps in _SIDE_PREFIX.items() if side != src.side for p in ps)
+    tower_targets = _sub_targets(targets, tower_prefix)
+    nest = isinstance(src.tower, VisionConfig) and src.tower.kind == "clip"
 
-    def stream():
-        tower = _drain(parts.pop("tower", deque()))
-        if isinstance(src.tower, VisionConfig) and src.tower.kind == "clip":
-            tower = (("vision_model." + n, x) for n, x in tower)  # _CLIP_RULES strip either nesting
-        yield from _to_targets(rename(tower, rules), _sub_targets(targets, tower_prefix), torch_layout, source,
-                               tower_prefix)
-        yield from _to_targets(_drain(parts.pop("projection", deque())), _sub_targets(targets, projection),
-                               torch_layout, source, projection)
-        for name, x in _drain(parts.pop("", deque())):
+    def tower(pairs):
+        if nest:  # _CLIP_RULES strip either nesting
+            pairs = (("vision_model." + n, x) for n, x in pairs)
+        return _to_targets(rename(pairs, rules), tower_targets, torch_layout, source, tower_prefix)
+
+    def rest(pairs):
+        for name, x in pairs:
             if name == "logit_scale":
                 if logit_scale:
                     yield name, np.asarray(x, np.float32).reshape(())
             elif not (name.startswith(other) or any(re.match(p, name) for p in _DROP_ALWAYS)):
                 raise CheckpointError(f"{source}: unexpected tensor {name!r}")
 
-    return stream(), source
+    routes = [(stored[0], tower), _projection_route(stored[1], projection, targets, torch_layout, source)]
+    return _route(items, routes, rest), source
 
 
 def save(model, directory, tokenizer=None) -> Path:
@@ -468,9 +475,3 @@ def save(model, directory, tokenizer=None) -> Path:
 
 def _rmtree(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
-
-
-def _drain(items: deque):
-    """Yields and forgets items, so each array can be freed once the consumer is done with it."""
-    while items:
-        yield items.popleft()

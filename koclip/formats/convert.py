@@ -95,8 +95,8 @@ def assign(model: nnx.Module, items: Iterable[tuple[str, np.ndarray]], source: s
 
     Every variable must be given exactly once with its exact shape, unless
     `allow_missing(name)`, in which case it keeps its current (initialised) value.
-    Arrays are moved to the device one at a time, so that a caller streaming
-    `items` keeps only one host copy alive.
+    Arrays are moved to the device one at a time, each copy finished before the next
+    array is taken, so that a caller streaming `items` keeps about one host copy alive.
     """
     shapes = param_shapes(model)
     values: dict[str, jax.Array] = {}
@@ -111,7 +111,10 @@ def assign(model: nnx.Module, items: Iterable[tuple[str, np.ndarray]], source: s
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(np.shape(x))}, "
                                   f"the config expects {shape}")
         want = dtype_of(name, dtype) if dtype_of else dtype
-        values[name] = jnp.asarray(x, dtype=want)
+        # Wait for each copy: jax copies a host array asynchronously and lets go of it only once the
+        # copy is done (at its next call), so copies left in flight would keep their sources alive:
+        # while a big tensor's copy runs, the tensors read after it would pile up on the host.
+        values[name] = jnp.asarray(x, dtype=want).block_until_ready()
         del x
     missing = [n for n in shapes if n not in values and not allow_missing(n)]
     if missing:

@@ -444,7 +444,8 @@ def _to_array(name, t, raw):
         raise _FileProblem(f"tensor {name!r} of size {t.shape} cannot be built ({e})") from None
 
 
-def _load(file):
+def _parse(file):
+    """(state dict of `_Tensor`s, storage table, read(key, nbytes), byte order): the pickle read and checked."""
     head = file.read(512)
     file.seek(0)
     if head[:2] == b"PK":
@@ -458,11 +459,14 @@ def _load(file):
     else:
         hint = " (it looks like safetensors; read it with safetensors)" if head[8:9] == b"{" else ""
         raise _FileProblem(f"not a torch.save file: it starts with {head[:8]!r}{hint}")
-    state = _find_state_dict(obj)
-    # Each storage is read at its first use and dropped after its last, so that storages of
-    # copied (non-contiguous) tensors do not all stay alive until the end.
+    return _find_state_dict(obj), table, read, byteorder
+
+
+def _arrays(state, table, read, byteorder):
+    """Yields (name, array) in file order.  Each storage is read at its first use and dropped after
+    its last, so that a consumer that lets each array go holds about one storage at a time."""
     uses = collections.Counter(t.storage.key for t in state.values())
-    storages, arrays = {}, {}
+    storages = {}
     for name, t in state.items():
         key = t.storage.key
         if key not in storages:
@@ -470,11 +474,10 @@ def _load(file):
             storages[key] = read(key, numel * dtype.itemsize)
             if byteorder != sys.byteorder:
                 storages[key].view(dtype).byteswap(inplace=True)
-        arrays[name] = _to_array(name, t, storages[key])
+        yield name, _to_array(name, t, storages[key])  # no local name: the consumer decides its lifetime
         uses[key] -= 1
         if not uses[key]:
             del storages[key]
-    return arrays
 
 
 def read_torch_state_dict(path):
@@ -494,10 +497,42 @@ def read_torch_state_dict(path):
       CheckpointError: missing, truncated or corrupt file, not a torch checkpoint, no state dict,
         or a pickle that names a global outside the tensor allow-list (e.g. `os.system`).
     """
+    return dict(iter_torch_state_dict(path))
+
+
+def iter_torch_state_dict(path):
+    """`read_torch_state_dict` one tensor at a time: an iterator of (name, array) in file order.
+
+    The pickle is read and checked here, so a file that is no checkpoint raises CheckpointError at
+    the call.  Each storage is read from the file only when the iterator reaches its first tensor,
+    and released after its last, so a caller that lets each array go before asking for the next
+    (as loading does) holds one storage at a time instead of the whole checkpoint.  Damaged storage
+    data raises CheckpointError during the iteration.  The file stays open until the iterator is
+    exhausted or closed.
+    """
     try:
-        with open(path, "rb") as file:
-            return _load(file)
-    except _FileProblem as e:
-        raise CheckpointError(f"{os.fspath(path)}: {e}") from None
+        file = open(path, "rb")
     except OSError as e:
-        raise CheckpointError(f"{os.fspath(path)}: cannot read the checkpoint ({e.strerror or e})") from None
+        raise _checkpoint_error(path, e) from None
+    try:
+        parsed = _parse(file)
+    except BaseException as e:
+        file.close()
+        if isinstance(e, (_FileProblem, OSError)):
+            raise _checkpoint_error(path, e) from None
+        raise
+    return _stream(path, file, parsed)
+
+
+def _stream(path, file, parsed):
+    with file:
+        try:
+            yield from _arrays(*parsed)
+        except (_FileProblem, OSError) as e:
+            raise _checkpoint_error(path, e) from None
+
+
+def _checkpoint_error(path, e):
+    if isinstance(e, _FileProblem):
+        return CheckpointError(f"{os.fspath(path)}: {e}")
+    return CheckpointError(f"{os.fspath(path)}: cannot read the checkpoint ({e.strerror or e})")
