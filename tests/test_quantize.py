@@ -124,6 +124,15 @@ def test_low_precision_linear_is_close_to_the_float_linear(cls):
     assert_within(got, want, low_precision_bound(cls, x, linear.kernel[...], linear.bias[...]))
 
 
+def test_bf16_kernel_is_the_float32_kernel_rounded_as_jax_rounds():
+    kernel = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    kernel[0, :4] = [np.inf, -np.inf, -0.0, 1 + 2**-8]  # 1 + 2**-8: a tie, to even (1.0)
+    want = np.asarray(jnp.asarray(kernel, jnp.bfloat16))
+    got = np.asarray(Bf16Linear(kernel).kernel[...])
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
 def test_int8_codes_are_the_nearest_steps_of_each_column():
     w = np.random.default_rng(3).standard_normal((64, 48)).astype(np.float32)
     layer = Int8Linear(w)
@@ -290,6 +299,33 @@ def test_in_place_quantize_is_seen_by_the_next_encode(tiny):
     tiny.encode_image(pixels)
     quantize(tiny, "int8", copy=False)
     np.testing.assert_array_equal(np.asarray(tiny.encode_image(pixels)), want)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_in_place_quantize_frees_each_float32_kernel_before_making_the_next_layer(mode, monkeypatch):
+    # So that loading with a precision peaks near the float32 model, not at it plus every new kernel.
+    import weakref
+
+    from koclip import quantize as quantize_lib
+
+    class Stack(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([nnx.Linear(64, 64, rngs=rngs) for _ in range(4)])
+
+    model = Stack(nnx.Rngs(0))
+    kernels = [weakref.ref(layer.kernel[...]) for layer in model.layers]
+    held = []
+    real = quantize_lib._replacement
+
+    def replacement(module, mode, min_weights):
+        if isinstance(module, nnx.Linear):  # which float32 kernels are alive as this layer's is made
+            held.append([i for i, ref in enumerate(kernels) if ref() is not None])
+        return real(module, mode, min_weights)
+
+    monkeypatch.setattr(quantize_lib, "_replacement", replacement)
+    quantize(model, mode, copy=False)
+    assert held == [[0, 1, 2, 3], [1, 2, 3], [2, 3], [3]]
+    assert count_replaced(model) == 4
 
 
 def test_repeated_encodes_of_one_bucket_compile_once(tiny):
