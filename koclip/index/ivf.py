@@ -173,12 +173,21 @@ def search_parts(parts, q: np.ndarray, k: int, nprobe: int, *, selector=None, ta
     # Deferred: faiss loads on first use, not with koclip.index.
     import faiss
 
-    params = faiss.SearchParametersIVF(nprobe=int(nprobe))
-    if selector is not None:
-        params.sel = selector
     scores, ids = [], []
+    if parts:
+        # The parts' quantizers are copies of one: assign the queries to lists once, for all of them
+        # (faiss's Python search_preassigned takes no params, so its C entry point is called).
+        nprobe = min(int(nprobe), parts[0].nlist)
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        if selector is not None:
+            params.sel = selector
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        list_scores, lists = parts[0].quantizer.search(q, nprobe)
     for part in parts:
-        d, i = part.search(q, k, params=params)
+        d = np.empty((len(q), k), np.float32)
+        i = np.empty((len(q), k), np.int64)
+        part.search_preassigned_c(len(q), faiss.swig_ptr(q), k, faiss.swig_ptr(lists), faiss.swig_ptr(list_scores),
+                                  faiss.swig_ptr(d), faiss.swig_ptr(i), False, params)
         scores.append(d)
         ids.append(i)
     if tail is not None and tail[0].ntotal:
