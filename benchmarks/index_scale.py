@@ -92,9 +92,18 @@ def write_index(path: str, n: int, seed: int, faiss: bool) -> dict:
     """An index of n synthetic CLIP-like vectors, with or without its IVF.  Format 2 takes them a
     block at a time (what a build from a journal does); format 1 as one array (its only way)."""
     import resource
+    import threading
 
     from koclip import index as kidx
 
+    peak_private = [0]
+    done = threading.Event()
+
+    def watch():  # the kernel keeps no high-water mark of private memory alone: sample it
+        while not done.wait(0.2):
+            peak_private[0] = max(peak_private[0], proc_status()["RssAnon"])
+
+    threading.Thread(target=watch, daemon=True).start()
     names = lambda a, b: [f"{i:08d}.jpg" for i in range(a, b)]
     t = time.perf_counter()
     if hasattr(kidx, "write_segment_file"):
@@ -126,10 +135,11 @@ def write_index(path: str, n: int, seed: int, faiss: bool) -> dict:
         kidx.write_vectors_index(path, v, names(0, n), model="synthetic", fingerprint="clip-like", faiss=faiss,
                                  images_root=str(Path(path).parent))
     seconds = time.perf_counter() - t
+    done.set()
     meta = json.loads((Path(path) / "meta.json").read_text())
     ivf = {k: v for k, v in (meta.get("ivf") or {}).items() if k not in ("parts", "trained")}
     return {"seconds": seconds, "ivf": ivf,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_private": peak_private[0],
             "bytes": sum(s for _, _, s in dir_files(Path(path)).values())}
 
 
@@ -318,10 +328,11 @@ def bench_search(args, workdir: Path) -> None:
         r = run_worker("search", code, path=str(path), queries=str(queries), truth=str(truth),
                        on_disk=True if fmt == 2 else None)
         r.update(build_s=made["seconds"], ivf_s=made["ivf"].get("build_seconds"), peak_rss=made["peak_rss"],
-                 disk=made["bytes"])
+                 peak_private=made["peak_private"], disk=made["bytes"])
         rows.append(r)
         print(f"format {fmt}, n {n:,}: write+IVF {r['build_s']:.0f} s (IVF {r['ivf_s']:.0f} s), build peak RSS "
-              f"{mb(r['peak_rss'])}, on disk {mb(r['disk'])}; load {r['load_s']:.2f} s, RSS +{mb(r['rss_load'])}; "
+              f"{mb(r['peak_rss'])} (private {mb(r['peak_private'])}), on disk {mb(r['disk'])}; load "
+              f"{r['load_s']:.2f} s, RSS +{mb(r['rss_load'])}; "
               f"IVF {r['nlist']}/{r['nprobe']}: cold {r['cold_ms']:.1f} ms, warm {r['warm_ms']:.2f} ms, "
               f"recall@10 {r['recall']:.3f}; after 5 queries RSS +{mb(r['rss_first'])} (file pages "
               f"+{mb(r['file_first'])}); after {args.queries} more private +{mb(r['anon_after'])}, "
