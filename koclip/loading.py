@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from koclip import hub, quantize, registry
+from koclip import autotune, hub, quantize, registry
 from koclip.config import ModelConfig, siglip_text_inputs
 from koclip.errors import CheckpointError
 from koclip.fingerprint import model_digest
@@ -36,6 +36,7 @@ class LoadInfo:
     # A composed model's sides (load(text=..., vision=...)): each one's name and directory.
     text: str = ""
     vision: str = ""
+    precision: autotune.Plan | None = None  # each tower's precision and how it was chosen, when not fp32
 
 
 def load(name: str | None = None, *, text: str | None = None, vision: str | None = None,
@@ -136,20 +137,19 @@ def compose(text: str, vision: str, *, name: str | None = None) -> tuple[KoCLIP,
 
 
 def _with_precision(model, precision):
-    """precision: None/"fp32" (exact), "bf16", "int8" (see koclip.quantize), or "auto"
-    (what serves fastest here within the quality gates: `koclip.quantize.auto_plan`)."""
+    """precision: None/"fp32" (exact), "bf16", "int8" (see koclip.quantize), or "auto" (per tower,
+    what serves fastest on this machine within the quality gates, measured once: koclip.autotune)."""
     if precision in (None, "fp32", "float32"):
         return model
-    if precision == "auto":
-        mode, exclude = quantize.auto_plan(model.config)
-    else:
-        mode, exclude = {"bfloat16": "bf16"}.get(precision, precision), None
-    if mode not in quantize.MODES:
+    mode = {"bfloat16": "bf16"}.get(precision, precision)
+    if mode != "auto" and mode not in quantize.MODES:
         raise CheckpointError(f"unknown precision {precision!r}; valid: fp32, bf16, int8, auto")
+    plan = autotune.plan_for(model) if mode == "auto" else autotune.Plan(mode, mode, "requested")
     # Index fingerprints need the float32 weights' digest, which quantising would change.
-    object.__setattr__(model, "load_info", dataclasses.replace(model.load_info, weights=model_digest(model)))
+    object.__setattr__(model, "load_info", dataclasses.replace(model.load_info, weights=model_digest(model),
+                                                               precision=plan))
     # In place: each float32 kernel is freed as soon as it is replaced.
-    return quantize.quantize(model, mode, exclude=exclude, copy=False)
+    return autotune.apply(model, plan)
 
 
 def from_towers(text: str, vision: str, *, projection_dim: int = 512, seed: int = 0,

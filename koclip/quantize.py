@@ -16,10 +16,15 @@ Modes:
           quantised on the fly with one symmetric scale per row (per token);
           int8 x int8 -> int32 dot, rescaled to float32:
               y[r, j] ~ sx[r] * sw[j] * sum_k qx[r, k] qw[k, j]
-          A quarter of the weight memory, but on the measured CPU (AMD EPYC
-          with AVX512-VNNI, jax 0.10) XLA's int8 dot is slower than its bf16
-          dot, and the row scales cost extra passes (benchmarks/encode.py).
+          A quarter of the weight memory; whether it is faster than bf16 depends
+          on the CPU (on AMD Zen 4 XLA's int8 dot is slower than its bf16 one, on
+          an Intel Xeon with AMX much faster: benchmarks/encode.py).
   "fp32": the model unchanged (a copy).
+
+`simulate(model, mode)` computes what `quantize` would from the float32 kernels,
+rounding them inside each call: for checking a mode's quality without the memory
+of a second copy.  `koclip.autotune` picks a mode per tower by measurement
+(`precision="auto"`).
 
 A quantised model is for inference: its kernels are not trainable, and
 checkpoints should be saved from the float32 model.
@@ -44,6 +49,7 @@ MODES = ("bf16", "int8", "fp32")
 # speed, and each rounding step costs a little accuracy.
 MIN_WEIGHTS = 1024
 _QMAX = 127.0
+_INV_QMAX = np.float32(1 / _QMAX)
 
 
 class LowPrecisionKernel(nnx.Variable):
@@ -61,22 +67,48 @@ def quantize_weights(kernel) -> tuple[np.ndarray, np.ndarray]:
     """
     w = np.asarray(kernel, np.float32)
     amax = np.abs(w).max(axis=0)
-    scale = np.where(amax > 0, amax / _QMAX, 1.0).astype(np.float32)
-    q = np.clip(np.rint(w / scale), -_QMAX, _QMAX).astype(np.int8)
+    # Products with float32 reciprocals, not divisions: XLA rewrites a division by a constant or by
+    # a broadcast so, and `quantize_columns` (inside a trace) must give the same codes bit for bit.
+    scale = np.where(amax > 0, amax * _INV_QMAX, np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(w * (np.float32(1) / scale)), -_QMAX, _QMAX).astype(np.int8)
     return q, scale
 
 
 def quantize_rows(x):
     """(..., k) float activations -> (int8 (..., k), float32 scale (..., 1)), symmetric per row."""
     amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    scale = jnp.where(amax > 0, amax / _QMAX, 1.0)
-    q = jnp.clip(jnp.round(x / scale), -_QMAX, _QMAX).astype(jnp.int8)
+    scale = jnp.where(amax > 0, amax * _INV_QMAX, 1.0)
+    q = jnp.clip(jnp.round(x * (1.0 / scale)), -_QMAX, _QMAX).astype(jnp.int8)  # as quantize_weights
     return q, scale
 
 
 def _last_axis(ndim: int):
     """dot_general dimension numbers contracting x's last axis with the kernel's first."""
     return ((ndim - 1,), (0,)), ((), ())
+
+
+def quantize_columns(w):
+    """`quantize_weights` inside a trace: (in, out) float32 -> (int8 codes, float32 scale (out,)),
+    the same codes and scales bit for bit (correctly rounded float32 operations, round half to even)."""
+    amax = jnp.max(jnp.abs(w), axis=0)
+    scale = jnp.where(amax > 0, amax * _INV_QMAX, 1.0)
+    return jnp.clip(jnp.round(w * (1.0 / scale)), -_QMAX, _QMAX).astype(jnp.int8), scale
+
+
+def int8_matmul(x, q, scale, bias=None):
+    """x (..., k) float @ int8 codes q (k, n) with column scales (n,) -> (..., n) float32:
+    x quantised per row, an int8 x int8 -> int32 dot, rescaled (Int8Linear's arithmetic)."""
+    qx, sx = quantize_rows(x.astype(jnp.float32))
+    acc = jax.lax.dot_general(qx, q, _last_axis(qx.ndim), preferred_element_type=jnp.int32)
+    y = acc.astype(jnp.float32) * (sx * scale)
+    return y if bias is None else y + bias
+
+
+def bf16_matmul(x, kernel, bias=None):
+    """x (..., k) float @ bfloat16 kernel (k, n) -> (..., n) float32: x rounded to bfloat16,
+    products accumulated in float32 (Bf16Linear's arithmetic)."""
+    y = jax.lax.dot_general(x.astype(jnp.bfloat16), kernel, _last_axis(x.ndim), preferred_element_type=jnp.float32)
+    return y if bias is None else y + bias
 
 
 def _bias(bias):
@@ -100,10 +132,7 @@ class Int8Linear(nnx.Module):
         self.bias = _bias(bias)
 
     def __call__(self, x):
-        qx, sx = quantize_rows(x.astype(jnp.float32))
-        acc = jax.lax.dot_general(qx, self.kernel[...], _last_axis(qx.ndim), preferred_element_type=jnp.int32)
-        y = acc.astype(jnp.float32) * (sx * self.scale[...])
-        return y if self.bias is None else y + self.bias[...]
+        return int8_matmul(x, self.kernel[...], self.scale[...], None if self.bias is None else self.bias[...])
 
 
 class Bf16Linear(nnx.Module):
@@ -124,12 +153,34 @@ class Bf16Linear(nnx.Module):
         self.bias = _bias(bias)
 
     def __call__(self, x):
-        y = jax.lax.dot_general(x.astype(jnp.bfloat16), self.kernel[...], _last_axis(x.ndim),
-                                preferred_element_type=jnp.float32)
-        return y if self.bias is None else y + self.bias[...]
+        return bf16_matmul(x, self.kernel[...], None if self.bias is None else self.bias[...])
 
 
 _LINEARS = {"int8": Int8Linear, "bf16": Bf16Linear}
+
+
+class RoundingLinear(nnx.Module):
+    """Int8Linear's or Bf16Linear's arithmetic on a float32 kernel that it rounds inside every call.
+
+    The same codes and so the same products as the stand-in `quantize` would build, from the
+    float32 kernel itself (shared, not copied): no new weight memory, but each call pays the
+    rounding.  `simulate` builds these, to check a precision's quality before spending memory
+    on it.  `__call__(x (..., in_features))` -> (..., out_features) float32.
+    """
+
+    def __init__(self, kernel, bias=None, *, mode: str):
+        if mode not in _LINEARS:
+            raise KoclipError(f"unknown rounding mode {mode!r}; valid: {', '.join(_LINEARS)}")
+        self.mode = mode
+        self.kernel = nnx.Param(jnp.asarray(kernel, jnp.float32))
+        self.in_features, self.out_features = self.kernel.shape
+        self.bias = _bias(bias)
+
+    def __call__(self, x):
+        k, b = self.kernel[...], None if self.bias is None else self.bias[...]
+        if self.mode == "bf16":
+            return bf16_matmul(x, k.astype(jnp.bfloat16), b)
+        return int8_matmul(x, *quantize_columns(k), b)
 
 
 class PatchDense(nnx.Module):
@@ -155,20 +206,20 @@ def _is_patch_conv(conv: nnx.Conv) -> bool:
             and conv.input_dilation in (1, (1, 1)) and conv.kernel_dilation in (1, (1, 1)) and conv.mask is None)
 
 
-def _replacement(module, mode: str, min_weights: int):
-    """The low-precision stand-in for `module`, or None to keep it."""
+def _replacement(module, make, min_weights: int):
+    """The low-precision stand-in `make(kernel (in, out), bias)` for `module`, or None to keep it."""
     if isinstance(module, nnx.Linear):
         if module.in_features * module.out_features < min_weights:
             return None
         bias = None if module.bias is None else module.bias[...]
-        return _LINEARS[mode](module.kernel[...], bias)
+        return make(module.kernel[...], bias)
     if isinstance(module, nnx.Conv) and _is_patch_conv(module):
         kernel = module.kernel[...]
         kh, kw, cin, cout = kernel.shape
         if kh * kw * cin * cout < min_weights:
             return None
         bias = None if module.bias is None else module.bias[...]
-        return PatchDense((kh, kw), _LINEARS[mode](kernel.reshape(kh * kw * cin, cout), bias))
+        return PatchDense((kh, kw), make(kernel.reshape(kh * kw * cin, cout), bias))
     return None
 
 
@@ -202,6 +253,25 @@ def quantize(model: nnx.Module, mode: str = "bf16", *, exclude: str | None = Non
     """
     if mode not in MODES:
         raise KoclipError(f"unknown quantisation mode {mode!r}; valid: {', '.join(MODES)}")
+    out = _swap(model, None if mode == "fp32" else _LINEARS[mode], exclude, min_weights, copy)
+    if not copy and mode != "fp32":
+        compile_cache.forget(out)
+    return out
+
+
+def simulate(model: nnx.Module, mode: str, *, exclude: str | None = None,
+             min_weights: int = MIN_WEIGHTS) -> nnx.Module:
+    """A copy of `model` that computes what `quantize(model, mode, exclude=..., min_weights=...)`
+    would, from `model`'s own float32 kernels (`RoundingLinear`): the same layers are replaced and
+    round the same way, but no low-precision copy of the weights is made, so checking a mode's
+    quality costs no memory beyond the float32 model (only speed: each call rounds the kernels)."""
+    if mode not in MODES:
+        raise KoclipError(f"unknown quantisation mode {mode!r}; valid: {', '.join(MODES)}")
+    make = None if mode == "fp32" else (lambda kernel, bias: RoundingLinear(kernel, bias, mode=mode))
+    return _swap(model, make, exclude, min_weights, copy=True)
+
+
+def _swap(model, make, exclude, min_weights, copy):
     out = model
     if copy:
         graphdef, state = nnx.split(model)
@@ -209,18 +279,16 @@ def quantize(model: nnx.Module, mode: str = "bf16", *, exclude: str | None = Non
         # Plain attributes set with object.__setattr__ (provenance) are not part of the graph.
         if "load_info" in vars(model):
             object.__setattr__(out, "load_info", model.load_info)
-    if mode == "fp32":
+    if make is None:
         return out
     skip = re.compile(exclude) if exclude else None
     paths = [path for path, _ in nnx.iter_modules(out) if not (skip and skip.search("/".join(map(str, path))))]
     # One layer at a time, each replacement made and set before the next: built all first, the new
     # kernels would all sit beside the float32 ones that copy=False is meant to free as it goes.
     for path in paths:
-        new = _replacement(_get_child(out, path), mode, min_weights)
+        new = _replacement(_get_child(out, path), make, min_weights)
         if new is not None:
             _set_child(out, path, jax.block_until_ready(new))
-    if not copy:
-        compile_cache.forget(out)
     return out
 
 
@@ -231,6 +299,20 @@ def precision_of(model: nnx.Module) -> str:
     if not n8 and not n16:
         return "fp32"
     return "int8" if n8 >= n16 else "bf16"
+
+
+def replaceable_weights(model: nnx.Module, *, exclude: str | None = None, min_weights: int = MIN_WEIGHTS) -> int:
+    """How many weights the layers that `quantize(model, ..., exclude=..., min_weights=...)` would
+    replace hold: the share of a model that a precision changes."""
+    skip = re.compile(exclude) if exclude else None
+    total = 0
+    for path, module in nnx.iter_modules(model):
+        if skip and skip.search("/".join(map(str, path))):
+            continue
+        if _replacement(module, lambda kernel, bias: kernel, min_weights) is not None:
+            kernel = module.kernel
+            total += int(np.prod(kernel.shape))
+    return total
 
 
 def count_replaced(model: nnx.Module) -> int:
@@ -248,32 +330,3 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
-
-
-def auto_mode(backend: str | None = None, flags: frozenset[str] | None = None) -> str:
-    """The mode `precision="auto"` uses for transformer towers: "bf16" on a CPU with
-    bfloat16 dot-product instructions (AVX512-BF16 or AMX), else "fp32".
-
-    Why not int8: on the measured CPU (AMD EPYC, AVX512-BF16 + VNNI, jax 0.10) XLA's
-    int8 dot ran at ~150 GOP per CPU-second against ~185 for bf16 and ~95 for fp32,
-    and on koclip-mini int8 missed the quality gates (image cosine 0.960, text 0.989)
-    where bf16 text kept 0.99997.  Other backends keep fp32: unmeasured.
-    """
-    backend = backend or jax.default_backend()
-    if backend != "cpu":
-        return "fp32"
-    flags = cpu_flags() if flags is None else flags
-    return "bf16" if flags & {"avx512_bf16", "amx_bf16"} else "fp32"
-
-
-# Towers that `precision="auto"` keeps in float32, by vision tower kind, as a regex over
-# layer paths.  EfficientNet: koclip-mini's ConSE head picks the CNN's top classes, so
-# the small bf16 error of the 1x1 convolutions (pooled-feature cosine 0.9996) can swap a
-# class and moved one gallery photo's embedding to cosine 0.9927 < 0.995; float32 there
-# costs ~20% of the image tower's speed, not 2x.
-AUTO_KEEP_FP32 = {"efficientnet": r"^(vision_model|visual_projection)(/|$)"}
-
-
-def auto_plan(config, backend: str | None = None, flags: frozenset[str] | None = None) -> tuple[str, str | None]:
-    """(mode, exclude) that `precision="auto"` passes to `quantize` for a model of `config`."""
-    return auto_mode(backend, flags), AUTO_KEEP_FP32.get(config.vision.kind)

@@ -14,9 +14,9 @@ gate means something.  Agreement is tested on koclip-mini's real weights.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -28,8 +28,8 @@ from koclip import model as model_lib
 from koclip.config import TINY
 from koclip.errors import CheckpointError, KoclipError
 from koclip.model import KoCLIP
-from koclip.quantize import (Bf16Linear, Int8Linear, PatchDense, auto_mode, auto_plan, count_replaced,
-                             precision_of, quantize)
+from koclip.quantize import (Bf16Linear, Int8Linear, PatchDense, RoundingLinear, count_replaced, precision_of,
+                             quantize, replaceable_weights, simulate)
 from numerics import U32, UBF16, reduction_rtol
 
 PARITY = Path(__file__).resolve().parent / "fixtures" / "parity"
@@ -78,7 +78,7 @@ def low_precision_bound(cls, x, w, b=0.0):
     if cls is Bf16Linear:
         low = reduction_rtol(2, u=UBF16) * (x @ w)
     else:
-        step = 0.5 + 128 * U32  # half a quantisation step, and w / s rounded in float32
+        step = 0.5 + 2 * 128 * U32  # half a quantisation step, and w * (1 / s) rounded twice in float32
         e_x = step * x.max(-1, keepdims=True) / 127
         e_w = step * w.max(0) / 127
         low = e_x * w.sum(0) + e_w * x.sum(-1, keepdims=True) + k * e_x * e_w + 2 * U32 * magnitude
@@ -89,14 +89,14 @@ def rounded_operands(layer, x):
     """(x~, w~) as float64: the operands `layer` multiplies exactly, rounded as its format defines.
 
     bfloat16: round-to-nearest-even of x and of the float32 kernel.  int8: the stored codes times their
-    scales, and x's codes per row: rint(x / s_x), s_x = float32(max|x| / 127), as IEEE float32 gives them
-    on any CPU.
+    scales, and x's codes per row: rint(x * (1 / s_x)), s_x = max|x| * float32(1 / 127), each step one
+    IEEE float32 rounding, as any CPU gives them.
     """
     if isinstance(layer, Bf16Linear):
         to = lambda a: np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)  # noqa: E731
         return to(x), to(layer.kernel[...])
-    s_x = (np.abs(x).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
-    q_x = np.rint(x / s_x)
+    s_x = (np.abs(x).max(-1, keepdims=True) * np.float32(1 / 127)).astype(np.float32)
+    q_x = np.rint(x * (np.float32(1) / s_x))
     w = np.asarray(layer.kernel[...], np.float64) * np.asarray(layer.scale[...], np.float64)
     return q_x.astype(np.float64) * s_x, w
 
@@ -137,8 +137,9 @@ def test_int8_codes_are_the_nearest_steps_of_each_column():
     w = np.random.default_rng(3).standard_normal((64, 48)).astype(np.float32)
     layer = Int8Linear(w)
     q, scale = np.asarray(layer.kernel[...], np.float64), np.asarray(layer.scale[...], np.float64)
-    np.testing.assert_allclose(scale, np.abs(w).max(0) / 127, rtol=U32)  # one float32 rounding
-    assert_within(q * scale, w, (0.5 + 128 * U32) * scale)  # half a step, and w / s rounded in float32
+    np.testing.assert_allclose(scale, np.abs(w).max(0) / 127, rtol=2 * U32)  # float32(1 / 127), the product
+    # Half a step, and w * (1 / s) rounded twice in float32 (|w / s| <= 127 < 128).
+    assert_within(q * scale, w, (0.5 + 2 * 128 * U32) * scale)
 
 
 def test_int8_linear_gives_zero_for_an_all_zero_row():
@@ -193,23 +194,38 @@ def test_load_rejects_an_unknown_precision(parity_fixture):
         koclip.load(str(parity_fixture("dual_clip_safetensors")), precision="fp16")
 
 
-def test_auto_keeps_an_efficientnet_image_tower_in_float32():
-    from koclip.config import ModelConfig, VisionConfig
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_simulate_computes_what_quantize_would_from_the_float32_kernels(tiny, mode):
+    pixels = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
+    ids, mask = np.full((2, 8), 5, np.int32), np.ones((2, 8), np.int32)
+    sim, real = simulate(tiny, mode), quantize(tiny, mode)
+    fc1 = sim.vision_model.encoder.layers[0].mlp.fc1
+    assert isinstance(fc1, RoundingLinear)
+    assert fc1.kernel[...] is tiny.vision_model.encoder.layers[0].mlp.fc1.kernel[...]  # shared, not copied
+    assert count_replaced(tiny) == 0
+    # The same codes (bit for bit: tests below) and so the same exact products; XLA may still fuse the
+    # float32 steps around them (rescale, bias) differently in the two programs: a few float32
+    # roundings of unit-length embeddings (U32 = 6e-8 each), far below any mode's own error.
+    for got, want in ((sim.encode_image(pixels), real.encode_image(pixels)),
+                      (sim.encode_text(ids, mask), real.encode_text(ids, mask))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=16 * U32)
 
-    config = ModelConfig(text=TINY.text, vision=VisionConfig(kind="efficientnet", patch_size=1, variant="lite0"))
-    mode, exclude = auto_plan(config, "cpu", frozenset({"avx512_bf16"}))
-    assert mode == "bf16"
-    for kept in ("vision_model/blocks/0/expand_conv", "vision_model/conv_head", "visual_projection"):
-        assert re.search(exclude, kept)
-    assert not re.search(exclude, "text_model/encoder/layer/0/intermediate/dense")
-    assert auto_plan(TINY, "cpu", frozenset({"avx512_bf16"})) == ("bf16", None)
+
+def test_traced_int8_codes_equal_the_stored_ones_bit_for_bit():
+    from koclip.quantize import quantize_columns, quantize_weights
+
+    w = np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32)
+    w[:, 3] = 0  # an all-zero column: scale 1
+    q, scale = quantize_weights(w)
+    tq, tscale = jax.jit(quantize_columns)(w)
+    np.testing.assert_array_equal(np.asarray(tscale), scale)
+    np.testing.assert_array_equal(np.asarray(tq), q)
 
 
-def test_auto_picks_bf16_only_on_cpus_with_bf16_dot_instructions():
-    assert auto_mode("cpu", frozenset({"avx2", "avx512_bf16"})) == "bf16"
-    assert auto_mode("cpu", frozenset({"avx2", "amx_bf16"})) == "bf16"
-    assert auto_mode("cpu", frozenset({"avx2", "avx512_vnni"})) == "fp32"
-    assert auto_mode("gpu", frozenset({"avx512_bf16"})) == "fp32"
+def test_replaceable_weights_counts_what_quantize_replaces(tiny):
+    q = quantize(tiny, "int8", exclude=r"^text_model/")
+    layers = [m for _, m in nnx.iter_modules(q) if isinstance(m, Int8Linear)]
+    assert replaceable_weights(tiny, exclude=r"^text_model/") == sum(m.in_features * m.out_features for m in layers)
 
 
 # ---------------------------------------------------------------- quality gates, tiny checkpoint
@@ -258,20 +274,36 @@ def agreement(s0, s):
 
 
 @pytest.mark.slow
-def test_auto_precision_keeps_the_quality_gates_on_koclip_mini(mini, photos):
+def test_auto_precision_keeps_the_quality_gates_on_koclip_mini(mini, photos, tmp_path, monkeypatch):
+    """What koclip.autotune measures and picks on this machine keeps the gates on koclip-mini's real
+    weights with the real labels (it checked them on the gallery with synthetic labels)."""
+    from koclip import autotune
+
+    monkeypatch.setenv("KOCLIP_CACHE", str(tmp_path))
+    monkeypatch.delenv(autotune.ENV, raising=False)
     model, processor = mini
-    mode, exclude = auto_plan(model.config)
-    fast = quantize(model, mode, exclude=exclude)
+    plan = autotune.plan_for(model)
+    fast = autotune.apply(quantize(model, "fp32"), plan)
     pixels = processor(images=photos)["pixel_values"]
     zimg0, zimg = np.asarray(model.encode_image(pixels)), np.asarray(fast.encode_image(pixels))
-    assert rows_cosine(zimg, zimg0).min() >= COSINE_GATE
+    assert rows_cosine(zimg, zimg0).min() >= COSINE_GATE, plan.details()
     for labels, template in ((KO, koclip.DEFAULT_TEMPLATE), (EN, "a photo of a {}.")):
         tokens = processor(text=koclip.apply_template(labels, template))
         ztxt0, ztxt = np.asarray(model.encode_text(**tokens)), np.asarray(fast.encode_text(**tokens))
-        assert rows_cosine(ztxt, ztxt0).min() >= COSINE_GATE
+        assert rows_cosine(ztxt, ztxt0).min() >= COSINE_GATE, plan.details()
         s0, s = zimg0 @ ztxt0.T, zimg @ ztxt.T
         raw = np.mean(s0.argmax(-1) == s.argmax(-1))
         assert agreement(s0, s) >= AGREEMENT_GATE, f"{template}: agreement {agreement(s0, s):.3f} (raw {raw:.3f})"
+
+
+@pytest.mark.slow
+def test_simulated_bf16_efficientnet_fails_the_cosine_gate_on_the_gallery(mini):
+    """The case the gates exist for: koclip-mini's ConSE head turns the small bf16 error of the
+    CNN into a swapped class on one photo (cosine 0.9927 when measured), so auto keeps it fp32."""
+    from koclip import autotune
+
+    gates = autotune._Gates(mini[0])
+    assert not gates.check("image", "bf16"), gates.quality
 
 
 def test_agreement_ignores_ties_but_counts_clear_flips():

@@ -1,0 +1,441 @@
+"""`precision="auto"` by measurement: which precision each tower runs fastest in on this machine,
+among those that keep the quality gates, decided once and remembered.
+
+    plan = autotune.plan_for(model)    # a float32 model: the remembered decision, or measured now
+    autotune.apply(model, plan)        # quantises each tower in place as decided
+    plan.summary()                     # "image bf16, text bf16 (measured here in 9.1 s)"
+
+Measuring, per tower (image, text), over the candidates fp32, bf16 and int8 (`koclip.quantize`):
+
+  speed    a copy of the model cut to `TIMING_LAYERS` transformer layers (sharing the float32
+           arrays; EfficientNet is small and runs whole) is quantised in each candidate and timed
+           through `encode_image` / `encode_text`, the path the app serves, at batch 1 and at
+           `THROUGHPUT_BATCH` (224x224 pixels, `TEXT_LENGTH` tokens), the candidates taking
+           turns round by round; a candidate's score is the geometric mean of its two best times
+           relative to fp32's.
+  quality  from the fastest candidate down, the first to score at least `MIN_GAIN` better than
+           fp32 and to keep the quality gates on the whole model wins; fp32 is the fallback.
+           The gates, as tests/test_quantize.py defines them: every embedding keeps cosine >=
+           `COSINE_GATE` to float32, and zero-shot top-1 agrees with float32's on >= `AGREEMENT_GATE`
+           of the images whose float32 top-2 margin is at least `TIE`.  The images are the
+           gallery that ships with koclip (`koclip.data.gallery()`, the model's own preprocessing);
+           the texts are `N_LABELS` fixed synthetic token sequences of 3 to `TEXT_LENGTH` tokens
+           (ids drawn from the vocabulary: no tokenizer is needed).  The candidate runs as
+           `koclip.quantize.simulate` builds it: the same arithmetic from the float32 kernels, so
+           checking costs no memory beyond the float32 model that `load` holds anyway.
+  both     the two winners together must keep the agreement gate too (else the smaller gain
+           falls back to fp32).
+
+The decision is written as JSON (atomically) to `cache_root()/precision/<key>.json`, keyed by the
+model (config and sampled weight digest), the CPU (model name, a digest of its flags, core count),
+jax's version and backend, and `VERSION` of this procedure; a later load reads it back without
+timing anything.  `KOCLIP_PRECISION=fp32|bf16|int8` overrides the measurement for both towers
+(`auto` or unset: measure).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from koclip import data
+from koclip.compile_cache import model_jit
+from koclip.errors import ConfigError
+from koclip.files import atomic_write_text, cache_root
+from koclip.fingerprint import model_digest
+from koclip.images import preprocess
+from koclip.model import KoCLIP
+from koclip.processing import image_spec_for
+from koclip.quantize import cpu_flags, quantize, replaceable_weights, simulate
+from koclip.towers.layers import l2_normalize
+
+log = logging.getLogger(__name__)
+
+ENV = "KOCLIP_PRECISION"
+CANDIDATES = ("fp32", "bf16", "int8")
+TOWERS = ("image", "text")
+# Layer paths of each tower, its head included.
+TOWER_PATHS = {"image": r"^(vision_model|visual_projection)(/|$)", "text": r"^(text_model|text_projection)(/|$)"}
+_OTHER = {"image": "text", "text": "image"}
+
+COSINE_GATE = 0.995
+AGREEMENT_GATE = 0.99
+TIE = 1e-3
+# Towers whose replaceable layers hold fewer weights stay fp32 untimed: too small for precision to matter
+# (the test checkpoints' towers; koclip-mini's smallest, EfficientNet-Lite0, has 5.1M).
+MIN_TOWER_WEIGHTS = 1_000_000
+# A lower precision must be this much faster than fp32 (score <= 1 - MIN_GAIN) to be worth its rounding.
+MIN_GAIN = 0.05
+TIMING_LAYERS = 2
+THROUGHPUT_BATCH = 8
+TEXT_LENGTH = 16
+N_LABELS = 16
+ROUNDS = {1: 7, THROUGHPUT_BATCH: 3}
+# Bump when the measurement or the candidates change: older decisions are then measured again.
+VERSION = 1
+
+# timer(tower, mode, batch) -> seconds per call: replaces the timing (tests inject one).
+Timer = Callable[[str, str, int], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The precision of each tower, and how it was decided.
+
+    image, text: "fp32", "bf16" or "int8".  source: "measured" (here, now), "cached" (read from
+    `path`), "KOCLIP_PRECISION" or "requested" (`load(precision=...)`).  seconds: what measuring
+    cost.  timings: tower -> mode -> {batch: best seconds per call on the timing copy}.
+    quality: tower -> mode -> {"cosine": worst cosine to fp32, "agreement": top-1 agreement}.
+    """
+
+    image: str
+    text: str
+    source: str
+    seconds: float = 0.0
+    timings: dict = dataclasses.field(default_factory=dict)
+    quality: dict = dataclasses.field(default_factory=dict)
+    path: str = ""
+
+    def mode(self, tower: str) -> str:
+        return getattr(self, tower)
+
+    def summary(self) -> str:
+        """One line, e.g. "image bf16, text int8 (measured here in 9.1 s)"."""
+        modes = self.image if self.image == self.text else f"image {self.image}, text {self.text}"
+        how = {"measured": f"measured here in {self.seconds:.1f} s", "cached": "measured earlier on this CPU"}
+        return f"{modes} ({how.get(self.source, self.source)})"
+
+    def details(self) -> list[str]:
+        """Lines for `koclip info`: per tower the choice, each candidate's times (ms per call on the
+        timing copy, and its score: geometric mean of the two times relative to fp32) and quality."""
+        lines = [self.summary()]
+        for tower in TOWERS:
+            times = self.timings.get(tower, {})
+            lines.append(f"{tower}: {self.mode(tower)}")
+            for mode in CANDIDATES:
+                parts = []
+                if mode in times:
+                    parts.append(", ".join(f"batch {b} {1e3 * s:.1f} ms" for b, s in times[mode].items()))
+                    score = _score(times, mode)
+                    if score is not None:
+                        parts.append(f"score {score:.2f}")
+                q = self.quality.get(tower, {}).get(mode)
+                if q:
+                    parts.append(f"cosine >= {q['cosine']:.5f}, agreement {q['agreement']:.3f}"
+                                 + ("" if q.get("passed", True) else " (fails the gates)"))
+                if parts:
+                    lines.append(f"  {mode:5s} " + "; ".join(parts))
+        if self.path:
+            lines.append(f"decision file: {self.path}")
+        return lines
+
+
+def plan_for(model: KoCLIP, *, timer: Timer | None = None, use_cache: bool = True) -> Plan:
+    """The precision plan `precision="auto"` applies to `model` (float32, as loaded).
+
+    KOCLIP_PRECISION set to fp32/bf16/int8 decides; else the decision remembered for this model
+    on this machine; else `measure(model, timer=timer)`, remembered for next time (`use_cache=False`:
+    neither read nor written).
+    """
+    forced = forced_mode()
+    if forced is not None:
+        return Plan(forced, forced, ENV)
+    path = decision_path(model)
+    if use_cache:
+        cached = read_plan(path)
+        if cached is not None:
+            return cached
+    plan = measure(model, timer=timer)
+    if use_cache:
+        plan = dataclasses.replace(plan, path=str(path))
+        try:
+            write_plan(path, plan, decision_key(model))
+        except OSError as e:
+            log.warning("could not remember the precision decision in %s: %s", path, e)
+    return plan
+
+
+def forced_mode() -> str | None:
+    """KOCLIP_PRECISION's mode, None when it is unset, empty or "auto"."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    value = {"float32": "fp32", "bfloat16": "bf16"}.get(value, value)
+    if value not in CANDIDATES:
+        raise ConfigError(f"{ENV}={os.environ[ENV]!r} is not a precision; valid: fp32, bf16, int8, auto")
+    return value
+
+
+def apply(model: KoCLIP, plan: Plan) -> KoCLIP:
+    """Quantises `model`'s towers in place as `plan` says; returns `model`."""
+    for tower in TOWERS:
+        if plan.mode(tower) != "fp32":
+            quantize(model, plan.mode(tower), exclude=TOWER_PATHS[_OTHER[tower]], copy=False)
+    return model
+
+
+# ---------------------------------------------------------------- the measurement
+
+def measure(model: KoCLIP, *, timer: Timer | None = None) -> Plan:
+    """Times every candidate per tower and checks the fastest against the quality gates (see the
+    module's docstring).  `model` is float32 and is not changed."""
+    t0 = time.perf_counter()
+    if timer is not None:
+        timings = timer_timings(timer)
+    else:
+        towers = [t for t in TOWERS if replaceable_weights(model, exclude=TOWER_PATHS[_OTHER[t]]) >= MIN_TOWER_WEIGHTS]
+        timings = time_candidates(model, towers)
+    gates = _Gates(model)
+    choice = {}
+    for tower in TOWERS:
+        choice[tower] = "fp32"
+        if tower not in timings:
+            continue
+        for mode in sorted(CANDIDATES, key=lambda m: _score(timings[tower], m)):
+            if mode == "fp32" or _score(timings[tower], mode) > 1 - MIN_GAIN:
+                break
+            if gates.check(tower, mode):
+                choice[tower] = mode
+                break
+    # Each tower kept the gates against the other's float32 embeddings; check the pair as well.
+    if "fp32" not in choice.values() and not gates.pair(choice["image"], choice["text"]):
+        weaker = max(TOWERS, key=lambda t: _score(timings[t], choice[t]))
+        choice[weaker] = "fp32"
+    return Plan(choice["image"], choice["text"], "measured", time.perf_counter() - t0, timings, gates.quality)
+
+
+def _score(times: dict, mode: str) -> float | None:
+    """Geometric mean over batches of mode's time relative to fp32's (None without fp32)."""
+    if mode not in times or "fp32" not in times:
+        return None
+    ratios = [times[mode][b] / times["fp32"][b] for b in times[mode] if b in times["fp32"]]
+    return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
+
+
+def timer_timings(timer: Timer) -> dict:
+    return {tower: {mode: {b: float(timer(tower, mode, b)) for b in ROUNDS} for mode in CANDIDATES}
+            for tower in TOWERS}
+
+
+def time_candidates(model: KoCLIP, towers=TOWERS, rounds: dict[int, int] = ROUNDS) -> dict:
+    """tower -> mode -> {batch: best seconds per call}, on `timing_copy(model)` quantised per candidate."""
+    short = timing_copy(model)
+    config = short.config
+    s = config.vision.image_size
+    rng = np.random.default_rng(0)
+    out: dict = {}
+    for tower in towers:
+        variants = {m: quantize(short, m, exclude=TOWER_PATHS[_OTHER[tower]]) for m in CANDIDATES}
+        out[tower] = {m: {} for m in CANDIDATES}
+        for batch, n in rounds.items():
+            if tower == "image":
+                pixels = rng.standard_normal((batch, s, s, 3), dtype=np.float32)
+                calls = {m: functools.partial(_run_image, v, pixels) for m, v in variants.items()}
+            else:
+                ids, mask = synthetic_tokens(config.text, batch, full=True)
+                calls = {m: functools.partial(_run_text, v, ids, mask) for m, v in variants.items()}
+            _compile_all(calls.values())
+            best = {m: math.inf for m in calls}
+            for _ in range(n):
+                for m, f in calls.items():
+                    t = time.perf_counter()
+                    f()
+                    best[m] = min(best[m], time.perf_counter() - t)
+            for m in calls:
+                out[tower][m][batch] = best[m]
+    return out
+
+
+def _compile_all(calls) -> None:
+    """Calls each of `calls` once, several at a time: XLA compiles without holding the GIL, so on a
+    machine with more cores than one program's compile uses, the compiles overlap."""
+    calls = list(calls)
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(len(calls), os.cpu_count() or 1))) as pool:
+        for f in [pool.submit(c) for c in calls]:
+            f.result()
+
+
+def _run_image(model, pixels):
+    return np.asarray(model.encode_image(pixels))
+
+
+def _run_text(model, ids, mask):
+    return np.asarray(model.encode_text(ids, mask))
+
+
+def timing_copy(model: KoCLIP, layers: int = TIMING_LAYERS) -> KoCLIP:
+    """`model` cut to its first `layers` transformer layers per tower, sharing its arrays (no copy).
+
+    Candidates are timed on this copy: the layers are all alike, so their ranking is the whole
+    tower's, at a fraction of the compile and run time and of the memory a quantised copy costs.
+    """
+    cfg = model.config
+    text = dataclasses.replace(cfg.text, num_hidden_layers=min(layers, cfg.text.num_hidden_layers))
+    vision = cfg.vision
+    if vision.kind in ("clip", "vit"):
+        vision = dataclasses.replace(vision, num_hidden_layers=min(layers, vision.num_hidden_layers))
+    short = nnx.eval_shape(lambda: KoCLIP(cfg.replace(text=text, vision=vision), rngs=nnx.Rngs(0)))
+    values = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
+    nnx.update(short, nnx.from_flat_state([(path, var.replace(values[path]))
+                                           for path, var in nnx.to_flat_state(nnx.state(short))]))
+    return short
+
+
+def synthetic_tokens(cfg, n: int, *, full: bool = False, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask), both (n, TEXT_LENGTH) int32: fixed random ids from the vocabulary (never the
+    padding id), each row 3 to TEXT_LENGTH tokens long (all TEXT_LENGTH when `full`), padded."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, cfg.vocab_size, (n, TEXT_LENGTH)).astype(np.int32)
+    ids[ids == cfg.pad_token_id] = (cfg.pad_token_id + 1) % cfg.vocab_size
+    lengths = np.full(n, TEXT_LENGTH) if full else rng.integers(3, TEXT_LENGTH + 1, n)
+    mask = (np.arange(TEXT_LENGTH)[None, :] < lengths[:, None]).astype(np.int32)
+    return np.where(mask > 0, ids, cfg.pad_token_id).astype(np.int32), mask
+
+
+@functools.lru_cache(maxsize=4)
+def gallery_pixels(spec) -> np.ndarray:
+    """The bundled gallery photos preprocessed by `spec`: (n, S, S, 3) float32."""
+    return preprocess([p.path for p in data.gallery()], spec)
+
+
+@model_jit
+def _image_embeddings(model, pixels):
+    return l2_normalize(model.image_features(pixels).astype(jnp.float32))
+
+
+@model_jit
+def _text_embeddings(model, ids, mask):
+    return l2_normalize(model.text_features(ids, mask).astype(jnp.float32))
+
+
+def rows_cosine(a, b) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+
+
+def agreement(s0, s) -> float:
+    """Share of rows whose top-1 in `s` matches `s0`'s, over rows whose `s0` top-2 margin is at
+    least TIE (closer ones are ties that any rounding may flip); 1.0 when every row is a tie."""
+    s0, s = np.asarray(s0), np.asarray(s)
+    top2 = np.sort(s0, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] >= TIE
+    return float(np.mean(s0.argmax(-1)[clear] == s.argmax(-1)[clear])) if clear.any() else 1.0
+
+
+class _Gates:
+    """The quality gates of one float32 model, its reference embeddings computed on first use."""
+
+    def __init__(self, model: KoCLIP):
+        self.model = model
+        self.quality: dict = {t: {} for t in TOWERS}
+        self._ref: dict | None = None
+        self._got: dict = {}
+
+    def _inputs(self):
+        cfg = self.model.config
+        return gallery_pixels(image_spec_for(cfg)), synthetic_tokens(cfg.text, N_LABELS)
+
+    def _embed(self, tower: str, mode: str) -> np.ndarray:
+        pixels, (ids, mask) = self._inputs()
+        m = self.model if mode == "fp32" else simulate(self.model, mode, exclude=TOWER_PATHS[_OTHER[tower]])
+        if tower == "image":
+            return np.asarray(_image_embeddings(m, pixels))
+        return np.asarray(_text_embeddings(m, ids, mask))
+
+    def ref(self) -> dict:
+        if self._ref is None:
+            self._ref = {t: self._embed(t, "fp32") for t in TOWERS}
+        return self._ref
+
+    def check(self, tower: str, mode: str) -> bool:
+        ref = self.ref()
+        z = self._got[tower, mode] = self._embed(tower, mode)
+        cosine = float(rows_cosine(z, ref[tower]).min())
+        zimg, ztxt = (z, ref["text"]) if tower == "image" else (ref["image"], z)
+        agree = agreement(ref["image"] @ ref["text"].T, zimg @ ztxt.T)
+        passed = cosine >= COSINE_GATE and agree >= AGREEMENT_GATE
+        self.quality[tower][mode] = {"cosine": cosine, "agreement": agree, "passed": passed}
+        return passed
+
+    def pair(self, image_mode: str, text_mode: str) -> bool:
+        ref = self.ref()
+        agree = agreement(ref["image"] @ ref["text"].T,
+                          self._got["image", image_mode] @ self._got["text", text_mode].T)
+        return agree >= AGREEMENT_GATE
+
+
+# ---------------------------------------------------------------- remembering
+
+def machine() -> dict:
+    """What the decision depends on besides the model: CPU model name, a digest of its flags, cores,
+    jax's version, backend and device kind."""
+    flags = sorted(cpu_flags())
+    return {"cpu": cpu_model(), "flags": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
+            "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
+            "device": jax.devices()[0].device_kind}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def decision_key(model: KoCLIP) -> dict:
+    config = json.dumps(model.config.to_hf(), sort_keys=True, default=str)
+    return {"version": VERSION, "config": hashlib.sha256(config.encode()).hexdigest()[:16],
+            "weights": model_digest(model), **machine()}
+
+
+def decision_path(model: KoCLIP, key: dict | None = None) -> Path:
+    key = key or decision_key(model)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_root() / "precision" / f"{digest}.json"
+
+
+def write_plan(path: Path, plan: Plan, key: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"key": key, "image": plan.image, "text": plan.text, "seconds": plan.seconds,
+              "timings": {t: {m: {str(b): s for b, s in bs.items()} for m, bs in ms.items()}
+                          for t, ms in plan.timings.items()},
+              "quality": plan.quality, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def read_plan(path: Path) -> Plan | None:
+    """The decision remembered in `path`, or None when there is none or it cannot be used."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        image, text = record["image"], record["text"]
+        if image not in CANDIDATES or text not in CANDIDATES:
+            raise ValueError(f"unknown modes {image!r}, {text!r}")
+        timings = {t: {m: {int(b): float(s) for b, s in bs.items()} for m, bs in ms.items()}
+                   for t, ms in record.get("timings", {}).items()}
+        return Plan(image, text, "cached", float(record.get("seconds", 0.0)), timings,
+                    record.get("quality", {}), str(path))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("ignoring the precision decision in %s (%s: %s); measuring again", path, type(e).__name__, e)
+        return None
