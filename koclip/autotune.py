@@ -8,13 +8,16 @@ among those that keep the quality gates, decided once and remembered.
 Measuring, per tower (image, text), over the candidates fp32, bf16 and int8 (`koclip.quantize`):
 
   speed    a copy of the model cut to `TIMING_LAYERS` transformer layers (sharing the float32
-           arrays; EfficientNet is small and runs whole) is quantised in each candidate and timed
-           through `encode_image` / `encode_text`, the path the app serves, at batch 1 and at
-           `THROUGHPUT_BATCH` (224x224 pixels, `TEXT_LENGTH` tokens), the candidates taking
-           turns round by round; a candidate's score is the geometric mean of its two best times
-           relative to fp32's.
+           arrays; EfficientNet cannot be cut and runs whole) is quantised in each candidate and
+           timed through `encode_image` / `encode_text`, the path the app serves, at batch 1 and
+           at `THROUGHPUT_BATCH` (the model's image size, `TEXT_LENGTH` tokens), the candidates
+           taking turns round by round; a candidate's score is the geometric mean of its two best
+           times relative to fp32's.
   quality  from the fastest candidate down, the first to score at least `MIN_GAIN` better than
            fp32 and to keep the quality gates on the whole model wins; fp32 is the fallback.
+           (A tower that cannot be cut costs as much to time as to check, so there the gates
+           come first and only the candidates that keep them are timed.)  Towers whose layers
+           hold under `MIN_TOWER_WEIGHTS` weights stay fp32 untimed.
            The gates, as tests/test_quantize.py defines them: every embedding keeps cosine >=
            `COSINE_GATE` to float32, and zero-shot top-1 agrees with float32's on >= `AGREEMENT_GATE`
            of the images whose float32 top-2 margin is at least `TIE`.  The images are the
@@ -118,7 +121,10 @@ class Plan:
         """One line, e.g. "image bf16, text int8 (measured here in 9.1 s)"."""
         modes = self.image if self.image == self.text else f"image {self.image}, text {self.text}"
         how = {"measured": f"measured here in {self.seconds:.1f} s", "cached": "measured earlier on this CPU"}
-        return f"{modes} ({how.get(self.source, self.source)})"
+        how = how.get(self.source, self.source)
+        if self.source in ("measured", "cached") and not self.timings:
+            how = "towers too small for precision to matter"
+        return f"{modes} ({how})"
 
     def details(self) -> list[str]:
         """Lines for `koclip info`: per tower the choice, each candidate's times (ms per call on the
@@ -192,21 +198,28 @@ def apply(model: KoCLIP, plan: Plan) -> KoCLIP:
 # ---------------------------------------------------------------- the measurement
 
 def measure(model: KoCLIP, *, timer: Timer | None = None) -> Plan:
-    """Times every candidate per tower and checks the fastest against the quality gates (see the
+    """Times the candidates per tower and checks the fastest against the quality gates (see the
     module's docstring).  `model` is float32 and is not changed."""
     t0 = time.perf_counter()
-    if timer is not None:
-        timings = timer_timings(timer)
-    else:
-        towers = [t for t in TOWERS if replaceable_weights(model, exclude=TOWER_PATHS[_OTHER[t]]) >= MIN_TOWER_WEIGHTS]
-        timings = time_candidates(model, towers)
     gates = _Gates(model)
-    choice = {}
+    timings: dict = {}
+    choice = {t: "fp32" for t in TOWERS}
+    short = None
     for tower in TOWERS:
-        choice[tower] = "fp32"
-        if tower not in timings:
-            continue
-        for mode in sorted(CANDIDATES, key=lambda m: _score(timings[tower], m)):
+        modes = list(CANDIDATES)
+        if timer is None:
+            if replaceable_weights(model, exclude=TOWER_PATHS[_OTHER[tower]]) < MIN_TOWER_WEIGHTS:
+                continue
+            if not _cut(model.config, tower):
+                # Timing the whole tower costs about what checking it does: check first, time what passes.
+                modes = ["fp32"] + [m for m in CANDIDATES if m != "fp32" and gates.check(tower, m)]
+                if modes == ["fp32"]:
+                    continue
+            short = short or timing_copy(model)
+            timings[tower] = time_tower(short, tower, modes)
+        else:
+            timings[tower] = {m: {b: float(timer(tower, m, b)) for b in ROUNDS} for m in modes}
+        for mode in sorted(modes, key=lambda m: _score(timings[tower], m)):
             if mode == "fp32" or _score(timings[tower], mode) > 1 - MIN_GAIN:
                 break
             if gates.check(tower, mode):
@@ -227,37 +240,35 @@ def _score(times: dict, mode: str) -> float | None:
     return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
 
 
-def timer_timings(timer: Timer) -> dict:
-    return {tower: {mode: {b: float(timer(tower, mode, b)) for b in ROUNDS} for mode in CANDIDATES}
-            for tower in TOWERS}
+def _cut(config, tower: str) -> bool:
+    """Whether `timing_copy` makes `tower` smaller (transformers deeper than TIMING_LAYERS)."""
+    cfg = config.text if tower == "text" else config.vision
+    return (tower == "text" or cfg.kind in ("clip", "vit")) and cfg.num_hidden_layers > TIMING_LAYERS
 
 
-def time_candidates(model: KoCLIP, towers=TOWERS, rounds: dict[int, int] = ROUNDS) -> dict:
-    """tower -> mode -> {batch: best seconds per call}, on `timing_copy(model)` quantised per candidate."""
-    short = timing_copy(model)
+def time_tower(short: KoCLIP, tower: str, modes=CANDIDATES, rounds: dict[int, int] = ROUNDS) -> dict:
+    """mode -> {batch: best seconds per call} of `tower` of `short` (a `timing_copy`) quantised in each
+    of `modes`, through encode_image / encode_text, the modes taking turns round by round."""
     config = short.config
     s = config.vision.image_size
-    rng = np.random.default_rng(0)
-    out: dict = {}
-    for tower in towers:
-        variants = {m: quantize(short, m, exclude=TOWER_PATHS[_OTHER[tower]]) for m in CANDIDATES}
-        out[tower] = {m: {} for m in CANDIDATES}
-        for batch, n in rounds.items():
-            if tower == "image":
-                pixels = rng.standard_normal((batch, s, s, 3), dtype=np.float32)
-                calls = {m: functools.partial(_run_image, v, pixels) for m, v in variants.items()}
-            else:
-                ids, mask = synthetic_tokens(config.text, batch, full=True)
-                calls = {m: functools.partial(_run_text, v, ids, mask) for m, v in variants.items()}
-            _compile_all(calls.values())
-            best = {m: math.inf for m in calls}
-            for _ in range(n):
-                for m, f in calls.items():
-                    t = time.perf_counter()
-                    f()
-                    best[m] = min(best[m], time.perf_counter() - t)
-            for m in calls:
-                out[tower][m][batch] = best[m]
+    variants = {m: quantize(short, m, exclude=TOWER_PATHS[_OTHER[tower]]) for m in modes}
+    out: dict = {m: {} for m in modes}
+    for batch, n in rounds.items():
+        if tower == "image":
+            pixels = np.random.default_rng(0).standard_normal((batch, s, s, 3), dtype=np.float32)
+            calls = {m: functools.partial(_run_image, v, pixels) for m, v in variants.items()}
+        else:
+            ids, mask = synthetic_tokens(config.text, batch, full=True)
+            calls = {m: functools.partial(_run_text, v, ids, mask) for m, v in variants.items()}
+        _compile_all(calls.values())
+        best = {m: math.inf for m in calls}
+        for _ in range(n):
+            for m, f in calls.items():
+                t = time.perf_counter()
+                f()
+                best[m] = min(best[m], time.perf_counter() - t)
+        for m in calls:
+            out[m][batch] = best[m]
     return out
 
 
@@ -363,6 +374,8 @@ class _Gates:
         return self._ref
 
     def check(self, tower: str, mode: str) -> bool:
+        if mode in self.quality[tower]:
+            return self.quality[tower][mode]["passed"]
         ref = self.ref()
         z = self._got[tower, mode] = self._embed(tower, mode)
         cosine = float(rows_cosine(z, ref[tower]).min())

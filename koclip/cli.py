@@ -2,6 +2,7 @@
 
     koclip models                         list the registry
     koclip classify IMAGE LABEL...        zero-shot classification of one image (file or URL)
+    koclip info [--model NAME]            this machine, and the precision each tower runs in here
     koclip index build|merge|search ...   image-embedding indexes
     koclip train --config configs/NAME.py training (koclip.train)
     koclip eval zeroshot|retrieval ...    evaluation
@@ -65,6 +66,36 @@ def _classify(args) -> int:
     return 0
 
 
+# CPU flags that decide which low-precision dot products are fast.
+_SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _info(args) -> int:
+    import koclip
+    from koclip import autotune
+    from koclip.quantize import cpu_flags
+
+    m = autotune.machine()
+    flags = [f for f in _SPEED_FLAGS if f in cpu_flags()]
+    print(f"machine: {m['cpu']}, {m['cores']} cores ({' '.join(flags) or 'no AVX2'}); "
+          f"jax {m['jax']} ({m['backend']})")
+    model, _ = koclip.load(args.model, precision=args.precision)
+    info = model.load_info
+    print(f"model: {info.name} from {info.source}, loaded in {info.seconds:.1f} s")
+    plan = info.precision
+    if plan is None:
+        print("precision: fp32 (everything float32)")
+        return 0
+    lines = plan.details()
+    print(f"precision: {lines[0]}")
+    for line in lines[1:]:
+        print(f"  {line}")
+    if plan.timings:
+        print(f"  (ms per call on a copy cut to {autotune.TIMING_LAYERS} layers per transformer tower; "
+              "score: geometric mean of the times relative to fp32)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="koclip", description="Korean CLIP in JAX/Flax")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
@@ -79,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default="이것은 {} 이다",
                    help="prompt template, {} marks the label (default: '이것은 {} 이다'; '' for none)")
     p.set_defaults(func=_classify)
+    p = sub.add_parser("info", help="this machine, and the precision each tower of a model runs in here")
+    p.add_argument("--model", default="koclip-mini", help="a name, hub id or local directory (default: koclip-mini)")
+    p.add_argument("--precision", default="auto",
+                   help="auto (measured once per machine, then remembered), fp32, bf16 or int8 (default: auto)")
+    p.set_defaults(func=_info)
     for name in _SUBCOMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser

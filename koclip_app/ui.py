@@ -70,7 +70,9 @@ def page(what: str):
         if info is None:
             st.caption(f"**{name}** — 아직 불러오지 않음 / not loaded yet")
         else:
-            st.caption(f"사용 중 / Active: **{name}**  \n가중치 / Weights: {support.describe_source(info)}")
+            plan = getattr(info, "precision", None)
+            st.caption(f"사용 중 / Active: **{name}**  \n가중치 / Weights: {support.describe_source(info)}"
+                       + (f"  \n정밀도 / Precision: {plan.summary()}" if plan else ""))
 
 
 def _model_picker():

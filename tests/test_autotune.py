@@ -166,7 +166,8 @@ def test_an_unknown_koclip_precision_names_the_valid_ones(model, monkeypatch):
 
 
 def test_load_auto_applies_the_remembered_plan_and_records_it(model):
-    autotune.write_plan(autotune.decision_path(model), autotune.Plan("int8", "bf16", "measured", 1.5),
+    timings = {t: {"fp32": {1: 0.010, 8: 0.05}, "int8": {1: 0.004, 8: 0.02}} for t in autotune.TOWERS}
+    autotune.write_plan(autotune.decision_path(model), autotune.Plan("int8", "bf16", "measured", 1.5, timings),
                         autotune.decision_key(model))
     fast, _ = koclip.load(str(PARITY), precision="auto")
     assert replaced(fast.vision_model) == {Int8Linear} and replaced(fast.text_model) == {Bf16Linear}
@@ -202,3 +203,17 @@ def test_agreement_counts_clear_rows_only():
     assert autotune.agreement(s0, np.array([[0.4, 0.5, 0.1], [0.9, 0.2, 0.1]])) == 1.0
     assert autotune.agreement(s0, np.array([[0.5, 0.4, 0.1], [0.2, 0.9, 0.1]])) == 0.0
     assert autotune.agreement(s0[:1], s0[:1][:, ::-1]) == 1.0  # every row a tie
+
+
+def test_koclip_info_prints_the_machine_and_each_towers_choice(model, capsys):
+    from koclip import cli
+
+    autotune.write_plan(autotune.decision_path(model),
+                        autotune.Plan("int8", "fp32", "measured", 2.0,
+                                      timings={"image": {"fp32": {1: 0.010, 8: 0.05}, "int8": {1: 0.004, 8: 0.02}}}),
+                        autotune.decision_key(model))
+    assert cli.main(["info", "--model", str(PARITY)]) == 0
+    out = capsys.readouterr().out
+    assert f"machine: {autotune.cpu_model()}" in out
+    assert "precision: image int8, text fp32 (measured earlier on this CPU)" in out
+    assert "int8  batch 1 4.0 ms, batch 8 20.0 ms; score 0.40" in out
