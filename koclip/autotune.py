@@ -64,7 +64,7 @@ from koclip.fingerprint import model_digest
 from koclip.images import preprocess
 from koclip.model import KoCLIP
 from koclip.processing import image_spec_for
-from koclip.quantize import cpu_flags, quantize, replaceable_weights, simulate
+from koclip.quantize import cpu_flags, quantize, replaceable_weights, simulate, trim_heap
 from koclip.towers.layers import l2_normalize
 
 log = logging.getLogger(__name__)
@@ -269,6 +269,8 @@ def time_tower(short: KoCLIP, tower: str, modes=CANDIDATES, rounds: dict[int, in
                 best[m] = min(best[m], time.perf_counter() - t)
         for m in calls:
             out[m][batch] = best[m]
+    del variants, calls
+    trim_heap()
     return out
 
 
@@ -364,9 +366,10 @@ class _Gates:
     def _embed(self, tower: str, mode: str) -> np.ndarray:
         pixels, (ids, mask) = self._inputs()
         m = self.model if mode == "fp32" else simulate(self.model, mode, exclude=TOWER_PATHS[_OTHER[tower]])
-        if tower == "image":
-            return np.asarray(_image_embeddings(m, pixels))
-        return np.asarray(_text_embeddings(m, ids, mask))
+        z = _image_embeddings(m, pixels) if tower == "image" else _text_embeddings(m, ids, mask)
+        del m
+        trim_heap()
+        return np.asarray(z)
 
     def ref(self) -> dict:
         if self._ref is None:
@@ -383,6 +386,7 @@ class _Gates:
         agree = agreement(ref["image"] @ ref["text"].T, zimg @ ztxt.T)
         passed = cosine >= COSINE_GATE and agree >= AGREEMENT_GATE
         self.quality[tower][mode] = {"cosine": cosine, "agreement": agree, "passed": passed}
+        trim_heap()  # the compile's and the run's scratch memory
         return passed
 
     def pair(self, image_mode: str, text_mode: str) -> bool:

@@ -32,6 +32,8 @@ checkpoints should be saved from the float32 model.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import re
 
 import jax
@@ -177,7 +179,11 @@ class RoundingLinear(nnx.Module):
         self.bias = _bias(bias)
 
     def __call__(self, x):
-        k, b = self.kernel[...], None if self.bias is None else self.bias[...]
+        # Adding 0 * (one input entry) ties the rounding to this layer's input, so XLA rounds each
+        # kernel just before its product, not all of them up front (a low-precision copy of them all).
+        # (XLA drops optimization barriers on CPU, and does not fold x * 0 for floats.)
+        k = self.kernel[...] + 0 * x.reshape(-1)[0].astype(jnp.float32)
+        b = None if self.bias is None else self.bias[...]
         if self.mode == "bf16":
             return bf16_matmul(x, k.astype(jnp.bfloat16), b)
         return int8_matmul(x, *quantize_columns(k), b)
@@ -281,15 +287,50 @@ def _swap(model, make, exclude, min_weights, copy):
             object.__setattr__(out, "load_info", model.load_info)
     if make is None:
         return out
+    if not copy:
+        compile_cache.forget(out)  # its split holds the Variables, which would keep float32 kernels alive
     skip = re.compile(exclude) if exclude else None
     paths = [path for path, _ in nnx.iter_modules(out) if not (skip and skip.search("/".join(map(str, path))))]
-    # One layer at a time, each replacement made and set before the next: built all first, the new
-    # kernels would all sit beside the float32 ones that copy=False is meant to free as it goes.
+    # One layer at a time, holding only paths in between: in place, each float32 kernel is
+    # unreferenced (and freed) as soon as its stand-in is set, so the peak is one layer over.
+    freed = 0
     for path in paths:
-        new = _replacement(_get_child(out, path), make, min_weights)
+        old = _get_child(out, path)
+        new = _replacement(old, make, min_weights)
         if new is not None:
+            freed += old.kernel.size * old.kernel.dtype.itemsize
+            del old
             _set_child(out, path, jax.block_until_ready(new))
+            if not copy and freed >= TRIM_BYTES:
+                trim_heap()
+                freed = 0
+    if not copy and freed:
+        trim_heap()
     return out
+
+
+# Quantising in place hands freed memory back to the OS every this many bytes of float32 kernels.
+TRIM_BYTES = 64 << 20
+
+
+def trim_heap() -> None:
+    """Returns freed heap memory to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    The float32 kernels were allocated by the thread that loaded them, their low-precision stand-ins
+    by XLA's threads, from other malloc arenas that do not reuse the freed blocks: without this, a
+    model quantised in place peaks at the float32 model plus all the new kernels.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def precision_of(model: nnx.Module) -> str:
