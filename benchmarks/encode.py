@@ -1,4 +1,4 @@
-"""Embedding speed on this machine's CPU: koclip (JAX/XLA) next to transformers (PyTorch), same architecture.
+"""Embedding speed on this machine's CPU: koclip (JAX/XLA) against PyTorch, ONNX Runtime and OpenVINO.
 
 For koclip-base's architecture (CLIP ViT-B/32 + roberta-large, random weights)
 and for koclip-mini (or, until `koclip.load("koclip-mini")` works, its
@@ -9,24 +9,41 @@ architecture with random weights: multilingual-e5-small + EfficientNet-Lite0) it
   text throughput   texts/s   batch 32, --text-len tokens
   text latency      ms        batch 1
 
-for koclip in fp32 / bf16 / int8 (`koclip.quantize`) and PyTorch fp32 / bf16
-(weights and inputs cast with `.to(torch.bfloat16)`), each side computing
-projected, L2-normalised embeddings.  The machine is shared, so every side
-runs once per round, in turn, and the table shows the best round (least
-disturbed) with the median beside it; ratios compare best rounds.  It also
-shows process CPU seconds per call, and ratios by them: wall ratios on a busy
-machine also measure how each runtime's threads cope when another job takes
-a core, while CPU seconds (the work done) move much less with the load.
+for koclip in fp32 / bf16 / int8 (`koclip.quantize`), with its default marked:
+what `precision="auto"` picks for each tower on this machine (`koclip.autotune`,
+measured afresh at the start of each architecture), and for the peers, each
+computing projected, L2-normalised embeddings of the same architecture:
 
-Threads: PyTorch runs with torch.set_num_threads(os.cpu_count()); XLA's CPU
-client uses one worker per core by default, so both sides get every core.
-PyTorch also runs with one thread (its per-op thread hand-offs stall when other
-jobs hold the cores), and ratios use the faster of its two settings.
+  torch fp32 / bf16  transformers' models (weights and inputs cast with `.to(torch.bfloat16)`),
+                     with all threads and with one
+  ort fp32 / int8    the torch fp32 encoder exported with torch.onnx.export, run by ONNX Runtime
+                     as it is and after onnxruntime.quantization.quantize_dynamic (int8 weights,
+                     activations quantised per call)
+  openvino           the same ONNX file through openvino.convert_model, compiled for "CPU" in its
+                     default precision (printed: bf16 where the CPU has it, else f32)
 
-    .venv/bin/python benchmarks/encode.py             # full run
-    .venv/bin/python benchmarks/encode.py --quick     # fewer rounds, smaller throughput batch
-    .venv/bin/python benchmarks/encode.py --startup   # fresh process -> first embedding, with and
-                                                      # without the persistent compilation cache
+It prints the CPU model and flags, and the peak of one large matmul
+(1600x768 @ 768x3072, ViT-B/32's fc1 at batch 32) in each runtime and precision;
+beside every side's speed it shows the GFLOP/s it reaches on the model (FLOP per item from
+XLA's cost analysis of the fp32 model, 2 per multiply-add) and that as a share of its own
+runtime's matmul peak in its precision.  The machine is shared, so every side runs once per
+round, in turn, and the table shows the best round (least disturbed) with the median beside
+it; ratios compare best rounds.  It also shows process CPU seconds per call, and ratios by
+them: wall ratios on a busy machine also measure how each runtime's threads cope when another
+job takes a core, while CPU seconds (the work done) move much less with the load.  The last
+lines say, per tower, koclip's default against the best peer at each batch.
+
+Threads: PyTorch runs with torch.set_num_threads(os.cpu_count()) and with one thread (its per-op
+thread hand-offs stall when other jobs hold the cores); ONNX Runtime with os.cpu_count() intra-op
+threads; XLA's CPU client and OpenVINO use every core by default.
+
+Needs requirements-bench.txt (torch, onnx, onnxruntime, openvino): `make bench`.
+
+    python benchmarks/encode.py             # full run
+    python benchmarks/encode.py --quick     # fewer rounds, smaller throughput batch
+    python benchmarks/encode.py --peers torch          # PyTorch only
+    python benchmarks/encode.py --startup   # fresh process -> first embedding, with and
+                                            # without the persistent compilation cache
 """
 
 from __future__ import annotations
@@ -186,22 +203,255 @@ def inputs(config, batch: int, text_len: int, seed: int = 0):
     return pixels, ids, mask
 
 
-def measure(arch: str, model, args) -> list[dict]:
+# ---------------------------------------------------------------- peers: ONNX Runtime, OpenVINO
+
+class _Exportable:
+    """A TorchEncoder (fp32) as a torch.nn.Module with positional inputs, for torch.onnx.export."""
+
+    @staticmethod
+    def build(enc, names):
+        import torch
+
+        class Module(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.tower, self.proj = enc.tower, enc.proj
+
+            def forward(self, *xs):
+                z = self.proj(enc.pool(self.tower, dict(zip(names, xs))))
+                return torch.nn.functional.normalize(z.float(), dim=-1)
+
+        return Module().eval()
+
+
+class Peers:
+    """ONNX Runtime (fp32, and int8 by dynamic quantisation) and OpenVINO (its default precision)
+    serving the same PyTorch fp32 encoder, exported once to ONNX with a dynamic batch axis.
+
+    `sides(feeds, batch)` -> {name: call}; feeds are the numpy inputs by ONNX input name.
+    """
+
+    def __init__(self, kind: str, enc, example: dict, directory: Path, which: set[str]):
+        import torch
+
+        self.names = list(example)
+        self.fp32 = directory / f"{kind}.onnx"
+        module = _Exportable.build(enc, self.names)
+        args = tuple(torch.from_numpy(v) for v in example.values())
+        with torch.inference_mode():
+            torch.onnx.export(module, args, str(self.fp32), input_names=self.names, output_names=["z"],
+                              dynamic_axes={n: {0: "batch"} for n in [*self.names, "z"]}, opset_version=17,
+                              dynamo=False)
+        self.sessions, self.ov, self.notes = {}, {}, []
+        if which & {"ort", "onnxruntime"}:
+            import onnxruntime as ort
+
+            int8 = directory / f"{kind}.int8.onnx"
+            _quiet_quantize_dynamic(self.fp32, int8)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = os.cpu_count()
+            for name, path in (("ort fp32", self.fp32), ("ort int8", int8)):
+                self.sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.notes.append(f"onnxruntime {ort.__version__}: {os.cpu_count()} intra-op threads, "
+                              "int8 = quantize_dynamic(weight_type=QInt8)")
+        if which & {"openvino", "ov"}:
+            import openvino as ov
+
+            self.core = ov.Core()
+            self.ov_model = ov.convert_model(str(self.fp32))
+            self.notes.append(f"openvino {ov.__version__}")
+
+    def sides(self, feeds: dict, batch: int) -> dict:
+        out = {}
+        for name, sess in self.sessions.items():
+            out[name] = (lambda sess: lambda: sess.run(None, feeds)[0])(sess)
+        if hasattr(self, "ov_model"):
+            if batch not in self.ov:
+                m = self.ov_model.clone()
+                m.reshape({n: list(feeds[n].shape) for n in self.names})
+                compiled = self.core.compile_model(m, "CPU")
+                self.ov[batch] = (compiled, compiled.create_infer_request())
+                hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+                note = f"openvino inference precision (its default here): {hint}"
+                if note not in self.notes:
+                    self.notes.append(note)
+            compiled, req = self.ov[batch]
+            out["openvino"] = (lambda req: lambda: next(iter(req.infer(feeds).values())))(req)
+        return out
+
+
+def _quiet_quantize_dynamic(src: Path, dst: Path) -> None:
+    """onnxruntime's dynamic int8 quantisation (int8 weights per tensor, activations quantised per
+    call), without its advice to pre-process first on the root logger."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+def peer_precision(name: str) -> tuple[str, str]:
+    """(runtime, precision) of a side, the key of its matmul peak."""
+    if name.startswith("koclip"):
+        return "XLA", name.split()[1]
+    if name.startswith("torch"):
+        return "PyTorch", name.split()[1]
+    if name.startswith("ort"):
+        return "ONNX Runtime", name.split()[1]
+    return "OpenVINO", "default"
+
+
+# ---------------------------------------------------------------- matmul peaks
+
+MATMUL = (1600, 768, 3072)  # M, K, N: ViT-B/32's fc1 at batch 32 (32 x 50 tokens)
+
+
+def _best_seconds(f, rounds: int) -> float:
+    f()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_peaks(which: set[str], rounds: int = 10, directory: Path | None = None) -> dict:
+    """(runtime, precision) -> GFLOP/s (2 M N K per product) of one MATMUL-shaped product, weights
+    held by the runtime as a model's are, activations fed each call."""
+    import jax
+    import jax.numpy as jnp
+
+    m, k, n = MATMUL
+    flop = 2 * m * k * n
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = (rng.standard_normal((k, n), dtype=np.float32) * 0.02)
+    out: dict = {}
+    dims = (((1,), (0,)), ((), ()))
+    xj, wj = jnp.asarray(x), jnp.asarray(w)
+    for prec, (a, b, acc) in {"fp32": (xj, wj, jnp.float32),
+                              "bf16": (xj.astype(jnp.bfloat16), wj.astype(jnp.bfloat16), jnp.float32),
+                              "int8": (jnp.asarray(np.clip(np.rint(x * 30), -127, 127).astype(np.int8)),
+                                       jnp.asarray(np.clip(np.rint(w * 3000), -127, 127).astype(np.int8)),
+                                       jnp.int32)}.items():
+        f = jax.jit(lambda a, b, acc=acc: jax.lax.dot_general(a, b, dims, preferred_element_type=acc))
+        out["XLA", prec] = flop / _best_seconds(lambda: f(a, b).block_until_ready(), rounds) / 1e9
+    if "torch" in which:
+        import torch
+
+        tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+        with torch.inference_mode():
+            out["PyTorch", "fp32"] = flop / _best_seconds(lambda: tx @ tw, rounds) / 1e9
+            bx, bw = tx.bfloat16(), tw.bfloat16()
+            out["PyTorch", "bf16"] = flop / _best_seconds(lambda: bx @ bw, rounds) / 1e9
+            try:
+                ix, iw = torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b))  # int8 from above
+                out["PyTorch", "int8"] = flop / _best_seconds(lambda: torch._int_mm(ix, iw), rounds) / 1e9
+            except (RuntimeError, AttributeError, NotImplementedError):
+                pass
+    if which & {"ort", "openvino"} and directory is not None:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                                  [numpy_helper.from_array(w, "w")])
+        path = directory / "matmul.onnx"
+        # IR version 9: what onnxruntime 1.31 reads (onnx 1.23 writes 14 by default).
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
+        if "ort" in which:
+            import onnxruntime as ort
+
+            int8 = directory / "matmul.int8.onnx"
+            _quiet_quantize_dynamic(path, int8)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = os.cpu_count()
+            for prec, pth in (("fp32", path), ("int8", int8)):
+                sess = ort.InferenceSession(str(pth), opts, providers=["CPUExecutionProvider"])
+                out["ONNX Runtime", prec] = flop / _best_seconds(lambda: sess.run(None, {"x": x}), rounds) / 1e9
+        if "openvino" in which:
+            import openvino as ov
+
+            core = ov.Core()
+            for prec, config in (("default", {}), ("fp32", {"INFERENCE_PRECISION_HINT": "f32"})):
+                req = core.compile_model(ov.convert_model(str(path)), "CPU", config).create_infer_request()
+                out["OpenVINO", prec] = flop / _best_seconds(lambda: req.infer({"x": x}), rounds) / 1e9
+    return out
+
+
+def print_peaks(peaks: dict) -> None:
+    m, k, n = MATMUL
+    print(f"\nmatmul peak: {m}x{k} @ {k}x{n} (2MNK = {2 * m * k * n / 1e9:.2f} GFLOP), best of 10, GFLOP/s "
+          "(int8: GOP/s, int32 accumulation; ONNX Runtime's int8 includes quantising the activations)")
+    for (runtime, prec), v in peaks.items():
+        print(f"  {runtime:13s} {prec:8s} {v:8.1f}")
+
+
+# ---------------------------------------------------------------- one architecture
+
+def flop_per_item(model, kind: str, text_len: int) -> float:
+    """FLOP (2 per multiply-add, XLA's cost analysis) of one image or one text of `model` (fp32)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    s = model.config.vision.image_size
+    if kind == "image":
+        f = jax.jit(lambda st, px: nnx.merge(graphdef, st).image_features(px))
+        lowered = f.lower(state, jax.ShapeDtypeStruct((1, s, s, 3), np.float32))
+    else:
+        f = jax.jit(lambda st, ids, mask: nnx.merge(graphdef, st).text_features(ids, mask))
+        spec = jax.ShapeDtypeStruct((1, text_len), np.int32)
+        lowered = f.lower(state, spec, spec)
+    return float(lowered.cost_analysis()["flops"])
+
+
+def measure(arch: str, model, args, peaks: dict, workdir: Path) -> list[dict]:
     """Rows of the result table for one architecture; `model` is its fp32 KoCLIP."""
     import torch
 
+    from koclip import autotune
     from koclip.quantize import quantize
 
     config = model.config
     jax_models = {m: (model if m == "fp32" else quantize(model, m)) for m in args.modes}
+    # koclip's default: precision="auto", measured now for this model on this machine (not read back).
+    plan = autotune.measure(model)
+    print(f"\n{arch}: precision='auto' measured: " + "\n  ".join(plan.details()), flush=True)
+    for tower in autotune.TOWERS:
+        mode = plan.mode(tower)
+        if mode not in jax_models:
+            jax_models[mode] = quantize(model, mode)
     image_factory, text_factory = torch_towers(arch, config)
     rows = []
     for kind, factory in (("image", image_factory), ("text", text_factory)):
+        default = f"koclip {plan.mode(kind)}"
         torch_models = {f"torch {n}": factory(d) for n, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        s = config.vision.image_size
+        example = ({"pixel_values": np.zeros((1, 3, s, s), np.float32)} if kind == "image" else
+                   {"input_ids": np.zeros((1, args.text_len), np.int64),
+                    "attention_mask": np.ones((1, args.text_len), np.int64)})
+        peers = None
+        if args.peer_set - {"torch"}:
+            try:
+                peers = Peers(kind, torch_models["torch fp32"], example, workdir, args.peer_set)
+                for note in peers.notes:
+                    print(f"  {note}")
+            except Exception as e:  # noqa: BLE001 - a peer that cannot export or load is reported, not fatal
+                print(f"  ONNX Runtime / OpenVINO peers unavailable for {arch} {kind}: {type(e).__name__}: {e}")
+        flop = flop_per_item(model, kind, args.text_len)
         for label, batch, rounds in ((f"{kind} throughput", args.batch, args.rounds),
                                      (f"{kind} latency", 1, args.latency_rounds)):
             pixels, ids, mask = inputs(config, batch, args.text_len)
-            sides, outputs = {}, {}
+            sides = {}
             for name, m in jax_models.items():
                 if kind == "image":
                     call = (lambda m: lambda: np.asarray(m.encode_image(pixels)))(m)
@@ -218,15 +468,27 @@ def measure(arch: str, model, args) -> list[dict]:
                 # PyTorch's per-op thread hand-offs stall when other jobs hold the cores, so one
                 # thread can beat two on a shared machine: race both and compare with the faster.
                 sides[f"{name} 1 thread"] = one_thread(sides[name])
+            if peers is not None:
+                feeds = ({"pixel_values": tp.numpy()} if kind == "image" else
+                         {"input_ids": ti.numpy(), "attention_mask": tm.numpy()})
+                known = len(peers.notes)
+                sides.update(peers.sides(feeds, batch))
+                for note in peers.notes[known:]:
+                    print(f"  {note}")
             times, cpu = race(sides, rounds)
-            for name in jax_models:
-                outputs[name] = sides[f"koclip {name}"]()
-            agree = {n: float(np.min(np.sum(outputs["fp32"] * o, -1))) for n, o in outputs.items()
-                     if "fp32" in outputs and n != "fp32"}
-            rows.append(dict(arch=arch, label=label, batch=batch, times=times, cpu=cpu, agree=agree,
-                             load=os.getloadavg()[0]))
+            outputs = {name: np.asarray(f()) for name, f in sides.items() if not name.endswith("1 thread")}
+            # Quality beside speed: each koclip precision against koclip fp32, each peer against the
+            # PyTorch fp32 encoder it was exported from (the two sides have different random weights).
+            agree = {}
+            for n, o in outputs.items():
+                ref = "koclip fp32" if n.startswith("koclip") else "torch fp32"
+                if n != ref and ref in outputs and n != "torch bf16":
+                    agree[n] = float(np.min(np.sum(outputs[ref] * o, -1)))
+            rows.append(dict(arch=arch, kind=kind, label=label, batch=batch, times=times, cpu=cpu, agree=agree,
+                             load=os.getloadavg()[0], default=default, flop=flop, peaks=peaks,
+                             plan=plan.mode(kind)))
             print_row(rows[-1], flush=True)
-        del torch_models
+        del torch_models, peers
         gc.collect()
     return rows
 
@@ -246,46 +508,57 @@ def one_thread(f):
     return call
 
 
-def torch_best(times: dict, dtype: str) -> float:
-    """Best time of the PyTorch sides of `dtype` ("fp32"/"bf16"), whatever their thread count."""
-    return min(min(ts) for name, ts in times.items() if name.startswith(f"torch {dtype}"))
+def best_peer(times: dict) -> tuple[str, float]:
+    """(name, best seconds) of the fastest side that is not koclip."""
+    name = min((n for n in times if not n.startswith("koclip")), key=lambda n: min(times[n]))
+    return name, min(times[name])
 
 
 def print_row(row: dict, flush: bool = False) -> None:
     times, cpu, batch = row["times"], row["cpu"], row["batch"]
     latency = batch == 1
     unit = "ms" if latency else ("img/s" if row["label"].startswith("image") else "texts/s")
+    peer, peer_t = best_peer(times)
+    peer_c = min(cpu[peer])
 
     def value(t):
         return 1e3 * t if latency else batch / t
 
     print(f"\n{row['arch']}: {row['label']} (batch {batch}, {len(next(iter(times.values())))} rounds, "
-          f"load {row['load']:.1f})")
-    print(f"  {'side':21s} {'best ' + unit:>13s} {'median':>9s} {'cpu-s/call':>11s}   "
-          f"{'speed-up vs torch bf16 / fp32':>30s}   {'by cpu-s vs bf16 / fp32':>24s}")
+          f"load {row['load']:.1f}; {row['flop'] / 1e9:.2f} GFLOP per item)")
+    print(f"  {'side':21s} {'best ' + unit:>13s} {'median':>9s} {'cpu-s/call':>11s} "
+          f"{'vs best peer':>13s} {'by cpu-s':>9s} {'GFLOP/s':>8s} {'of peak':>8s}")
     for name, ts in times.items():
         best, med, c = min(ts), statistics.median(ts), min(cpu[name])
-        r16, r32 = torch_best(times, "bf16") / best, torch_best(times, "fp32") / best
-        c16, c32 = torch_best(cpu, "bf16") / c, torch_best(cpu, "fp32") / c
-        print(f"  {name:21s} {value(best):13.1f} {value(med):9.1f} {c:11.3f}   "
-              f"{r16:20.2f}x / {r32:5.2f}x   {c16:14.2f}x / {c32:5.2f}x")
+        rate = row["flop"] * batch / best / 1e9
+        peak = row["peaks"].get(peer_precision(name))
+        mark = " (default)" if name == row["default"] else ""
+        print(f"  {name:21s} {value(best):13.1f} {value(med):9.1f} {c:11.3f} {peer_t / best:12.2f}x "
+              f"{peer_c / c:8.2f}x {rate:8.1f} {f'{100 * rate / peak:7.0f}%' if peak else '      -'}{mark}")
+    print(f"  best peer: {peer}")
     if row["agree"]:
-        print("  min cosine to koclip fp32: " + ", ".join(f"{k} {v:.5f}" for k, v in row["agree"].items()))
+        print("  min cosine (koclip sides to koclip fp32, peers to torch fp32): "
+              + ", ".join(f"{k} {v:.5f}" for k, v in row["agree"].items()))
     if flush:
         sys.stdout.flush()
 
 
 def summary(rows: list[dict]) -> None:
-    print("\nSummary: speed-up of each koclip precision = time of the faster torch side (2 or 1 threads) / "
-          "time of the koclip side (best rounds; >1 means koclip is faster), by wall time and [by CPU seconds]")
+    print("\nSummary: koclip's default (precision='auto' as measured above) against the best peer "
+          "(PyTorch fp32/bf16 with 1 or all threads, ONNX Runtime fp32/int8, OpenVINO), best rounds, "
+          "peer time / koclip time (>1: koclip is faster), by wall time and [by CPU seconds]")
+    towers: dict = {}
     for row in rows:
-        t, c = row["times"], row["cpu"]
+        towers.setdefault((row["arch"], row["kind"]), []).append(row)
+    for (arch, kind), rs in towers.items():
         parts = []
-        for name in (k for k in t if k.startswith("koclip")):
-            best, cbest = min(t[name]), min(c[name])
-            parts.append(f"{name.split()[1]} {torch_best(t, 'bf16') / best:.2f}x/{torch_best(t, 'fp32') / best:.2f}x "
-                         f"[{torch_best(c, 'bf16') / cbest:.2f}x/{torch_best(c, 'fp32') / cbest:.2f}x]")
-        print(f"  {row['arch']:14s} {row['label']:16s} vs torch bf16/fp32: " + "  ".join(parts))
+        for row in rs:
+            t, c = row["times"], row["cpu"]
+            peer, peer_t = best_peer(t)
+            mine = min(t[row["default"]])
+            parts.append(f"batch {row['batch']} {peer_t / mine:.2f}x vs {peer} "
+                         f"[{min(c[peer]) / min(c[row['default']]):.2f}x]")
+        print(f"  {arch} {kind} tower, koclip {rs[0]['plan']}: " + "; ".join(parts))
 
 
 def mini_architecture():
@@ -399,10 +672,13 @@ def main() -> None:
     ap.add_argument("--startup-model", default="base",
                     help="'base' (a random koclip-base checkpoint) or a name/dir for koclip.load")
     ap.add_argument("--precision", default="auto", help="precision for --startup")
+    ap.add_argument("--peers", default="torch,ort,openvino",
+                    help="comma-separated peers to race: torch, ort (ONNX Runtime fp32 + int8), openvino")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.latency_rounds, args.batch = 2, 5, 8
     args.modes = tuple(args.modes.split(","))
+    args.peer_set = set(args.peers.split(",")) | {"torch"}
 
     import jax
     import torch
@@ -413,21 +689,29 @@ def main() -> None:
     if args.startup:
         startup(args)
         return
+    from koclip import autotune
     from koclip.config import KOCLIP_BASE
+    from koclip.quantize import cpu_flags
 
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
+    print(f"CPU: {autotune.cpu_model()}, {os.cpu_count()} cores; flags: {' '.join(flags)}")
     rows: list[dict] = []
-    for arch in args.models.split(","):
-        if arch == "base":
-            label, model = "koclip-base", random_koclip(KOCLIP_BASE)
-        elif arch == "mini":
-            label, model = mini_model()
-        else:
-            raise SystemExit(f"unknown --models entry {arch!r}; valid: base, mini")
-        rows += measure(label, model, args)
-        del model
-        gc.collect()
+    with tempfile.TemporaryDirectory(prefix="koclip-encode-") as tmp:
+        peaks = matmul_peaks(args.peer_set, directory=Path(tmp))
+        print_peaks(peaks)
+        for arch in args.models.split(","):
+            if arch == "base":
+                label, model = "koclip-base", random_koclip(KOCLIP_BASE)
+            elif arch == "mini":
+                label, model = mini_model()
+            else:
+                raise SystemExit(f"unknown --models entry {arch!r}; valid: base, mini")
+            rows += measure(label, model, args, peaks, Path(tmp))
+            del model
+            gc.collect()
+    print_peaks(peaks)
     summary(rows)
-    print(f"\n{load_note()}")
+    print(f"\nCPU: {autotune.cpu_model()}; {load_note()}")
 
 
 if __name__ == "__main__":

@@ -217,3 +217,19 @@ def test_koclip_info_prints_the_machine_and_each_towers_choice(model, capsys):
     assert f"machine: {autotune.cpu_model()}" in out
     assert "precision: image int8, text fp32 (measured earlier on this CPU)" in out
     assert "int8  batch 1 4.0 ms, batch 8 20.0 ms; score 0.40" in out
+
+
+def test_int8_is_not_checked_where_bf16_already_fails(model, monkeypatch):
+    embed = autotune._Gates._embed
+    seen = []
+
+    def spoiled(self, tower, mode):
+        seen.append((tower, mode))
+        z = embed(self, tower, mode)
+        return -z if (tower, mode) == ("image", "bf16") else z  # cosine -1: fails
+
+    monkeypatch.setattr(autotune._Gates, "_embed", spoiled)
+    gates = autotune._Gates(model)
+    assert not gates.check("image", "bf16") and not gates.check("image", "int8")
+    assert ("image", "int8") not in seen and gates.quality["image"]["int8"]["passed"] is False
+    assert gates.check("text", "int8")  # bf16 not checked there: int8 is
