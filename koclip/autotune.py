@@ -163,16 +163,19 @@ def plan_for(model: KoCLIP, *, timer: Timer | None = None, use_cache: bool = Tru
     forced = forced_mode()
     if forced is not None:
         return Plan(forced, forced, ENV)
-    path = decision_path(model)
+    key = decision_key(model)
+    path = decision_path(model, key)
     if use_cache:
         cached = read_plan(path)
         if cached is not None:
             return cached
+    log.info("choosing each tower's precision by measurement (once for this model on this machine)")
     plan = measure(model, timer=timer)
+    log.info("precision: %s", plan.summary())
     if use_cache:
         plan = dataclasses.replace(plan, path=str(path))
         try:
-            write_plan(path, plan, decision_key(model))
+            write_plan(path, plan, key)
         except OSError as e:
             log.warning("could not remember the precision decision in %s: %s", path, e)
     return plan
