@@ -17,8 +17,9 @@ Modes:
           int8 x int8 -> int32 dot, rescaled to float32:
               y[r, j] ~ sx[r] * sw[j] * sum_k qx[r, k] qw[k, j]
           A quarter of the weight memory; whether it is faster than bf16 depends
-          on the CPU (on AMD Zen 4 XLA's int8 dot is slower than its bf16 one, on
-          an Intel Xeon with AMX much faster: benchmarks/encode.py).
+          on the CPU (on AMD Zen 4 and Zen 5 XLA's int8 dot is slower than its bf16
+          one, on an Intel Xeon with AMX much faster: benchmarks/encode.py), which
+          is why `precision="auto"` measures (koclip.autotune).
   "fp32": the model unchanged (a copy).
 
 `simulate(model, mode)` computes what `quantize` would from the float32 kernels,
