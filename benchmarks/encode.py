@@ -387,10 +387,10 @@ def matmul_peaks(which: set[str], rounds: int = 10, directory: Path | None = Non
     return out
 
 
-def print_peaks(peaks: dict) -> None:
+def print_peaks(peaks: dict, when: str = "measured now") -> None:
     m, k, n = MATMUL
-    print(f"\nmatmul peak: {m}x{k} @ {k}x{n} (2MNK = {2 * m * k * n / 1e9:.2f} GFLOP), best of 10, GFLOP/s "
-          "(int8: GOP/s, int32 accumulation; ONNX Runtime's int8 includes quantising the activations)")
+    print(f"\nmatmul peak ({when}): {m}x{k} @ {k}x{n} (2MNK = {2 * m * k * n / 1e9:.2f} GFLOP), best of 10, "
+          "GFLOP/s (int8: GOP/s, int32 accumulation; ONNX Runtime's int8 includes quantising the activations)")
     for (runtime, prec), v in peaks.items():
         print(f"  {runtime:13s} {prec:8s} {v:8.1f}")
 
@@ -527,7 +527,7 @@ def print_row(row: dict, flush: bool = False) -> None:
     print(f"\n{row['arch']}: {row['label']} (batch {batch}, {len(next(iter(times.values())))} rounds, "
           f"load {row['load']:.1f}; {row['flop'] / 1e9:.2f} GFLOP per item)")
     print(f"  {'side':21s} {'best ' + unit:>13s} {'median':>9s} {'cpu-s/call':>11s} "
-          f"{'vs best peer':>13s} {'by cpu-s':>9s} {'GFLOP/s':>8s} {'of peak':>8s}")
+          f"{'vs best peer':>13s} {'by cpu-s':>9s} {'GFLOP/s':>8s} {'of peak*':>8s}")
     for name, ts in times.items():
         best, med, c = min(ts), statistics.median(ts), min(cpu[name])
         rate = row["flop"] * batch / best / 1e9
@@ -535,7 +535,7 @@ def print_row(row: dict, flush: bool = False) -> None:
         mark = " (default)" if name == row["default"] else ""
         print(f"  {name:21s} {value(best):13.1f} {value(med):9.1f} {c:11.3f} {peer_t / best:12.2f}x "
               f"{peer_c / c:8.2f}x {rate:8.1f} {f'{100 * rate / peak:7.0f}%' if peak else '      -'}{mark}")
-    print(f"  best peer: {peer}")
+    print(f"  best peer: {peer}; *of the matmul peak measured at the start in that runtime and precision")
     if row["agree"]:
         print("  min cosine (koclip sides to koclip fp32, peers to torch fp32): "
               + ", ".join(f"{k} {v:.5f}" for k, v in row["agree"].items()))
@@ -543,7 +543,18 @@ def print_row(row: dict, flush: bool = False) -> None:
         sys.stdout.flush()
 
 
-def summary(rows: list[dict]) -> None:
+def summary(rows: list[dict], peaks: dict) -> None:
+    print("\nShare of the matmul peak (the better of the two measurements) that each tower's koclip default and "
+          "best peer reach on the model:")
+    for row in rows:
+        t = row["times"]
+        peer, peer_t = best_peer(t)
+        shares = []
+        for name, secs in ((row["default"], min(t[row["default"]])), (peer, peer_t)):
+            rate = row["flop"] * row["batch"] / secs / 1e9
+            peak = peaks.get(peer_precision(name))
+            shares.append(f"{name} {rate:.0f} GFLOP/s" + (f" = {100 * rate / peak:.0f}%" if peak else ""))
+        print(f"  {row['arch']:12s} {row['kind']:5s} batch {row['batch']:2d}: " + ", ".join(shares))
     print("\nSummary: koclip's default (precision='auto' as measured above) against the best peer "
           "(PyTorch fp32/bf16 with 1 or all threads, ONNX Runtime fp32/int8, OpenVINO), best rounds, "
           "peer time / koclip time (>1: koclip is faster), by wall time and [by CPU seconds]")
@@ -709,8 +720,11 @@ def main() -> None:
             rows += measure(label, model, args, peaks, Path(tmp))
             del model
             gc.collect()
-    print_peaks(peaks)
-    summary(rows)
+        # The machine is shared: measure the peaks again and keep the better of the two.
+        again = matmul_peaks(args.peer_set, directory=Path(tmp))
+    best = {k: max(v, again.get(k, 0.0)) for k, v in peaks.items()}
+    print_peaks(best, "the better of two measurements, at the start and at the end")
+    summary(rows, best)
     print(f"\nCPU: {autotune.cpu_model()}; {load_note()}")
 
 
