@@ -24,54 +24,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from koclip.config import TextConfig, VisionConfig
-from koclip.towers.layers import PatchConv, activation, attention, dense, layer_norm, padding_bias
+# The encoder is CLIP's, parameter names and all: pre-LayerNorm layers, an optional attention mask.
+from koclip.towers.clip_vision import MLP, Encoder
+from koclip.towers.layers import PatchConv, attention, dense, layer_norm, padding_bias
 
 _INIT = nnx.initializers.normal(0.02)
-
-
-class SelfAttention(nnx.Module):
-    def __init__(self, cfg: TextConfig | VisionConfig, rngs: nnx.Rngs):
-        h = cfg.hidden_size
-        self.num_heads = cfg.num_attention_heads
-        self.k_proj = dense(h, h, rngs)
-        self.v_proj = dense(h, h, rngs)
-        self.q_proj = dense(h, h, rngs)
-        self.out_proj = dense(h, h, rngs)
-
-    def __call__(self, x, bias):
-        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), bias, self.num_heads))
-
-
-class MLP(nnx.Module):
-    def __init__(self, cfg: TextConfig | VisionConfig, rngs: nnx.Rngs):
-        self.fc1 = dense(cfg.hidden_size, cfg.intermediate_size, rngs)
-        self.fc2 = dense(cfg.intermediate_size, cfg.hidden_size, rngs)
-        self.act = activation(cfg.hidden_act)
-
-    def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Layer(nnx.Module):
-    def __init__(self, cfg: TextConfig | VisionConfig, rngs: nnx.Rngs):
-        self.layer_norm1 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
-        self.self_attn = SelfAttention(cfg, rngs)
-        self.layer_norm2 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
-        self.mlp = MLP(cfg, rngs)
-
-    def __call__(self, x, bias):
-        x = x + self.self_attn(self.layer_norm1(x), bias)
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class Encoder(nnx.Module):
-    def __init__(self, cfg: TextConfig | VisionConfig, rngs: nnx.Rngs):
-        self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
-
-    def __call__(self, x, bias=None):
-        for layer in self.layers:
-            x = layer(x, bias)
-        return x
 
 
 # ---------------------------------------------------------------- vision
