@@ -10,7 +10,8 @@ Measuring, per tower (image, text), over the candidates fp32, bf16 and int8 (`ko
   speed    a copy of the model cut to `TIMING_LAYERS` transformer layers (sharing the float32
            arrays; EfficientNet cannot be cut and runs whole) is quantised in each candidate and
            timed through `encode_image` / `encode_text`, the path the app serves, at batch 1 and
-           at `THROUGHPUT_BATCH` (the model's image size, `TEXT_LENGTH` tokens), the candidates
+           at `THROUGHPUT_BATCH` (the model's image size; `TEXT_LENGTH` tokens, or the fixed
+           length of a model that pads every text to it), the candidates
            taking turns round by round; a candidate's score is the geometric mean of its two best
            times relative to fp32's.
   quality  from the fastest candidate down, the first to score at least `MIN_GAIN` better than
@@ -248,7 +249,15 @@ def _score(times: dict, mode: str) -> float | None:
 def _cut(config, tower: str) -> bool:
     """Whether `timing_copy` makes `tower` smaller (transformers deeper than TIMING_LAYERS)."""
     cfg = config.text if tower == "text" else config.vision
-    return (tower == "text" or cfg.kind in ("clip", "vit")) and cfg.num_hidden_layers > TIMING_LAYERS
+    return cfg.kind != "efficientnet" and cfg.num_hidden_layers > TIMING_LAYERS
+
+
+def text_shape(config) -> tuple[int, bool]:
+    """(tokens per text, whether every position is a token) as the processor serves `config`: a
+    length bucket (TEXT_LENGTH) with padding, or the fixed max_length of SigLIP-style models."""
+    if getattr(config, "text_padding", "bucket") == "max_length":
+        return config.max_length, True
+    return TEXT_LENGTH, False
 
 
 def time_tower(short: KoCLIP, tower: str, modes=CANDIDATES, rounds: dict[int, int] = ROUNDS) -> dict:
@@ -263,7 +272,7 @@ def time_tower(short: KoCLIP, tower: str, modes=CANDIDATES, rounds: dict[int, in
             pixels = np.random.default_rng(0).standard_normal((batch, s, s, 3), dtype=np.float32)
             calls = {m: functools.partial(_run_image, v, pixels) for m, v in variants.items()}
         else:
-            ids, mask = synthetic_tokens(config.text, batch, full=True)
+            ids, mask = synthetic_tokens(config.text, batch, full=True, length=text_shape(config)[0])
             calls = {m: functools.partial(_run_text, v, ids, mask) for m, v in variants.items()}
         _compile_all(calls.values())
         best = {m: math.inf for m in calls}
@@ -305,7 +314,7 @@ def timing_copy(model: KoCLIP, layers: int = TIMING_LAYERS) -> KoCLIP:
     cfg = model.config
     text = dataclasses.replace(cfg.text, num_hidden_layers=min(layers, cfg.text.num_hidden_layers))
     vision = cfg.vision
-    if vision.kind in ("clip", "vit"):
+    if vision.kind != "efficientnet":
         vision = dataclasses.replace(vision, num_hidden_layers=min(layers, vision.num_hidden_layers))
     short = nnx.eval_shape(lambda: KoCLIP(cfg.replace(text=text, vision=vision), rngs=nnx.Rngs(0)))
     values = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
@@ -314,14 +323,15 @@ def timing_copy(model: KoCLIP, layers: int = TIMING_LAYERS) -> KoCLIP:
     return short
 
 
-def synthetic_tokens(cfg, n: int, *, full: bool = False, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask), both (n, TEXT_LENGTH) int32: fixed random ids from the vocabulary (never the
-    padding id), each row 3 to TEXT_LENGTH tokens long (all TEXT_LENGTH when `full`), padded."""
+def synthetic_tokens(cfg, n: int, *, full: bool = False, length: int = TEXT_LENGTH,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask), both (n, length) int32: fixed random ids from the vocabulary of text config
+    `cfg` (never the padding id), each row 3 to `length` tokens long (all of it when `full`), padded."""
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, cfg.vocab_size, (n, TEXT_LENGTH)).astype(np.int32)
+    ids = rng.integers(0, cfg.vocab_size, (n, length)).astype(np.int32)
     ids[ids == cfg.pad_token_id] = (cfg.pad_token_id + 1) % cfg.vocab_size
-    lengths = np.full(n, TEXT_LENGTH) if full else rng.integers(3, TEXT_LENGTH + 1, n)
-    mask = (np.arange(TEXT_LENGTH)[None, :] < lengths[:, None]).astype(np.int32)
+    lengths = np.full(n, length) if full else rng.integers(3, length + 1, n)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
     return np.where(mask > 0, ids, cfg.pad_token_id).astype(np.int32), mask
 
 
@@ -366,7 +376,8 @@ class _Gates:
 
     def _inputs(self):
         cfg = self.model.config
-        return gallery_pixels(image_spec_for(cfg)), synthetic_tokens(cfg.text, N_LABELS)
+        length, full = text_shape(cfg)
+        return gallery_pixels(image_spec_for(cfg)), synthetic_tokens(cfg.text, N_LABELS, full=full, length=length)
 
     def _embed(self, tower: str, mode: str) -> np.ndarray:
         pixels, (ids, mask) = self._inputs()

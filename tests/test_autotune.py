@@ -233,3 +233,22 @@ def test_int8_is_not_checked_where_bf16_already_fails(model, monkeypatch):
     assert not gates.check("image", "bf16") and not gates.check("image", "int8")
     assert ("image", "int8") not in seen and gates.quality["image"]["int8"]["passed"] is False
     assert gates.check("text", "int8")  # bf16 not checked there: int8 is
+
+
+@pytest.mark.parametrize("name", ["siglip_spiece", "clip", "dual_vit_safetensors"])
+def test_every_tower_kind_can_be_cut_timed_and_checked(name):
+    """SigLIP (fixed-length text), CLIP's text tower and ViT: the timing copy keeps TIMING_LAYERS
+    layers and shares the weights, and the gates run on the whole model."""
+    model, _ = koclip.load(str(PARITY.parent / name))
+    short = autotune.timing_copy(model, layers=1)
+    for tower in autotune.TOWERS:
+        cfg = short.config.text if tower == "text" else short.config.vision
+        assert cfg.num_hidden_layers == 1
+    plan = autotune.measure(model, timer=timer_from({"fp32": 10, "bf16": 6, "int8": 4}))
+    for tower in autotune.TOWERS:
+        assert plan.quality[tower], (tower, plan.quality)
+        chosen = plan.mode(tower)
+        assert chosen == "fp32" or plan.quality[tower][chosen]["passed"]
+    length, full = autotune.text_shape(model.config)
+    ids, mask = autotune.synthetic_tokens(model.config.text, 2, full=full, length=length)
+    assert np.asarray(model.encode_text(ids, mask)).shape == (2, model.config.projection_dim)
