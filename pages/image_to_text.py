@@ -22,7 +22,6 @@ with ui.page("image to text"):
     st.title("이미지 → 텍스트 / Image to text")
     st.caption("사진을 고르고 라벨을 한 줄에 하나씩 적으면, 모델이 라벨을 점수순으로 정렬합니다. / "
                "Pick a photo and type labels, one per line; the model ranks them.")
-    sigmoid = ui.engine().model.scoring == "sigmoid"
     left, right = st.columns([1, 1], gap="large")
     with right:
         labels_text = st.text_area("라벨 (한 줄에 하나) / Labels, one per line", DEFAULT_LABELS, height=170,
@@ -33,9 +32,11 @@ with ui.page("image to text"):
         ensemble = st.checkbox("프롬프트 앙상블 / Prompt ensembling", value=False, key="i2t_ensemble",
                                help="여러 한국어 템플릿의 평균 / average over these templates: "
                                     + ", ".join(f"`{t}`" for t in KOREAN_TEMPLATES))
-        softmax = st.checkbox("시그모이드 확률로 보기 / Show sigmoid probabilities" if sigmoid
-                              else "소프트맥스 (확률로 보기) / Softmax (show probabilities)", value=True,
-                              key="i2t_softmax", help="끄면 코사인 유사도 / off: cosine similarities")
+        # The form shows before the model has loaded, so this label cannot depend on how it scores.
+        softmax = st.checkbox("확률로 보기 / Show probabilities", value=True, key="i2t_softmax",
+                              help="CLIP 계열: 라벨 간 소프트맥스, SigLIP: 라벨마다 시그모이드. 끄면 코사인 유사도 / "
+                                   "CLIP-style models: a softmax over the labels; SigLIP: each label's own sigmoid; "
+                                   "off: cosine similarities")
     with left:
         picked = ui.image_input("i2t")
     with right:
@@ -46,11 +47,12 @@ with ui.page("image to text"):
             st.info("제외한 라벨 / Dropped: " + "; ".join(parts))
         if picked is not None:
             image, key = picked
-            ranked = ui.engine().classify(image, labels, template=template if use_template else None,
+            engine = ui.engine()
+            ranked = engine.classify(image, labels, template=template if use_template else None,
                                           ensemble=ensemble, softmax=softmax, image_key=key)
             st.subheader("결과 / Result")
             ui.score_chart(ranked, softmax)
             if softmax:
-                st.caption(SIGMOID_NOTE if sigmoid else SOFTMAX_NOTE)
+                st.caption(SIGMOID_NOTE if engine.model.scoring == "sigmoid" else SOFTMAX_NOTE)
             if ui.model_name() == "koclip-mini":
                 st.caption(MINI_LIMITS)

@@ -207,7 +207,7 @@ def test_compare_command_prints_one_table_saves_it_and_fills_it_in(tiny_model_di
     rng = np.random.default_rng(0)
     _write_idx(data / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (6, 28, 28)))
     _write_idx(data / "t10k-labels-idx1-ubyte.gz", [0, 1, 2, 9, 8, 7])
-    argv = ["eval", "compare", "--models", f"{tiny_model_dir},mclip-b32", "--dataset", "fashion-mnist",
+    argv = ["eval", "compare", "--models", f"{tiny_model_dir},no-such-model", "--dataset", "fashion-mnist",
             "--data-dir", str(data), "--out", str(tmp_path / "out"), "-q"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -216,7 +216,7 @@ def test_compare_command_prints_one_table_saves_it_and_fills_it_in(tiny_model_di
     table = lines[1:8]
     columns = lambda s: sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in s)  # noqa: E731
     assert len({columns(row) for row in table[:4]}) == 1, table  # header and the model's rows line up
-    assert "failed: UnknownModelError: unknown model 'mclip-b32'" in table[4]
+    assert "failed: UnknownModelError: unknown model 'no-such-model'" in table[4]
     rows = json.loads((tmp_path / "out" / "compare-fashion-mnist-ko.json").read_text())["rows"]
     assert [(r["prompt"], r["status"]) for r in rows] == [
         ("label", "ok"), ("이것은 {} 이다", "ok"), ("ko ensemble (6)", "ok"),
