@@ -204,8 +204,9 @@ def exact_truth(path: str, queries: str, out: str) -> dict:
     return {}
 
 
-def search(path: str, queries: str, truth: str, on_disk: bool | None) -> dict:
-    """Load, RSS, cold and warm one-query latency, recall@10 and exact latency, in this process."""
+def search(path: str, queries: str, truth: str, on_disk: bool | None, max_mapped: int | None = None) -> dict:
+    """Load, RSS, cold and warm one-query latency, recall@10 and exact latency, in this process.
+    max_mapped: load_index's limit on the IVF's mapped pages (None: its default)."""
     import inspect
 
     import faiss  # noqa: F401 - loaded before the baseline, as any search process has it
@@ -217,6 +218,8 @@ def search(path: str, queries: str, truth: str, on_disk: bool | None) -> dict:
     want = np.load(truth)
     base = proc_status()
     kw = {"on_disk": on_disk} if "on_disk" in inspect.signature(kidx.load_index).parameters else {}
+    if max_mapped is not None:
+        kw["max_mapped"] = max_mapped
     t = time.perf_counter()
     index = kidx.load_index(path, **kw)
     load_s = time.perf_counter() - t
@@ -229,11 +232,28 @@ def search(path: str, queries: str, truth: str, on_disk: bool | None) -> dict:
     first = proc_status()  # what 5 queries brought in: the lists they visited
     warm = []
     hits = []
+    peak_rss = 0
     for x in q:
         t = time.perf_counter()
         hits.append(index.search(x, k=10, backend="faiss"))
         warm.append(time.perf_counter() - t)
+        peak_rss = max(peak_rss, proc_status()["VmRSS"] - base["VmRSS"])
     after = proc_status()
+    pages = getattr(index, "mapped_pages", None)
+    ab = {}
+    if pages is not None and max_mapped is None:
+        # The limit's cost in latency, under the same load: the same queries taking turns between
+        # this index and a second copy whose mapped pages are never handed back.
+        unlimited = kidx.load_index(path, on_disk=True, max_mapped=1 << 60)
+        for x in q:
+            unlimited.search(x, k=10, backend="faiss")
+        ab = {"limited": [], "unlimited": []}
+        for x in q:
+            for name, ix in (("limited", index), ("unlimited", unlimited)):
+                t = time.perf_counter()
+                ix.search(x, k=10, backend="faiss")
+                ab[name].append(time.perf_counter() - t)
+        ab = {f"ab_{k}_ms": 1e3 * float(np.median(v)) for k, v in ab.items()}
     recall = float(np.mean([len({int(h.path[:8]) for h in got} & set(w.tolist())) / 10
                             for got, w in zip(hits, want)]))
     fp16 = index.count * index.dim * 2
@@ -244,7 +264,8 @@ def search(path: str, queries: str, truth: str, on_disk: bool | None) -> dict:
             "rss_load": loaded["VmRSS"] - base["VmRSS"], "anon_after": after["RssAnon"] - base["RssAnon"],
             "file_after": after["RssFile"] - base["RssFile"], "rss_after": after["VmRSS"] - base["VmRSS"],
             "file_first": first["RssFile"] - base["RssFile"], "rss_first": first["VmRSS"] - base["VmRSS"],
-            "fp16_bytes": fp16}
+            "fp16_bytes": fp16, "peak_rss": peak_rss,
+            "mapped_limit": pages.limit if pages else None, "releases": pages.releases if pages else 0, **ab}
 
 
 WORKERS = {"write_index": write_index, "add_photos": add_photos, "upgrade": upgrade, "exact_truth": exact_truth,
@@ -327,18 +348,28 @@ def bench_search(args, workdir: Path) -> None:
         run_worker("exact_truth", code, path=str(path), queries=str(queries), out=str(truth))
         r = run_worker("search", code, path=str(path), queries=str(queries), truth=str(truth),
                        on_disk=True if fmt == 2 else None)
-        r.update(build_s=made["seconds"], ivf_s=made["ivf"].get("build_seconds"), peak_rss=made["peak_rss"],
+        r.update(build_s=made["seconds"], ivf_s=made["ivf"].get("build_seconds"), build_peak_rss=made["peak_rss"],
                  peak_private=made["peak_private"], disk=made["bytes"])
         rows.append(r)
+        limits = ""
+        if r["mapped_limit"] is not None:
+            # The same searches with the IVF's mapped pages never handed back: what the limit costs.
+            u = run_worker("search", code, path=str(path), queries=str(queries), truth=str(truth), on_disk=True,
+                           max_mapped=1 << 60)
+            limits = (f"; mapped-page limit {mb(r['mapped_limit'])}: {r['releases']} releases, peak RSS during the "
+                      f"warm queries +{mb(r['peak_rss'])} ({r['peak_rss'] / r['fp16_bytes']:.3f}x fp16); with no "
+                      f"limit: warm {u['warm_ms']:.2f} ms, peak RSS +{mb(u['peak_rss'])} "
+                      f"({u['peak_rss'] / u['fp16_bytes']:.3f}x fp16); taking turns, once all lists are mapped: "
+                      f"{r['ab_limited_ms']:.2f} ms with the limit, {r['ab_unlimited_ms']:.2f} ms without")
         print(f"format {fmt}, n {n:,}: write+IVF {r['build_s']:.0f} s (IVF {r['ivf_s']:.0f} s), build peak RSS "
-              f"{mb(r['peak_rss'])} (private {mb(r['peak_private'])}), on disk {mb(r['disk'])}; load "
+              f"{mb(r['build_peak_rss'])} (private {mb(r['peak_private'])}), on disk {mb(r['disk'])}; load "
               f"{r['load_s']:.2f} s, RSS +{mb(r['rss_load'])}; "
               f"IVF {r['nlist']}/{r['nprobe']}: cold {r['cold_ms']:.1f} ms, warm {r['warm_ms']:.2f} ms, "
               f"recall@10 {r['recall']:.3f}; after 5 queries RSS +{mb(r['rss_first'])} (file pages "
               f"+{mb(r['file_first'])}); after {args.queries} more private +{mb(r['anon_after'])}, "
               f"mapped file pages +{mb(r['file_after'])}; fp16 vectors {mb(r['fp16_bytes'])} "
               f"(private/fp16 {r['anon_after'] / r['fp16_bytes']:.3f}, all resident/fp16 "
-              f"{r['rss_after'] / r['fp16_bytes']:.3f})", flush=True)
+              f"{r['rss_after'] / r['fp16_bytes']:.3f}){limits}", flush=True)
         if not args.keep:
             shutil.rmtree(path, ignore_errors=True)
 

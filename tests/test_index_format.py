@@ -399,6 +399,57 @@ def test_on_disk_ivf_memory_maps_its_lists_and_finds_what_the_in_memory_one_find
     assert on_disk.search(q, k=10, backend="exact") == in_memory.search(q, k=10, backend="exact")
 
 
+def _mapped_rss(address: int) -> int:
+    """Bytes of the mapping that starts at `address` resident in this process (/proc/self/smaps)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.split("-", 1)[0] == f"{address:x}":
+            rss = next(l for l in lines[i + 1:] if l.startswith("Rss:"))
+            return int(rss.split()[1]) * 1024
+    raise AssertionError(f"no mapping at {address:x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_on_disk_ivf_hands_back_its_mapped_pages_past_the_limit(tmp_path):
+    import faiss
+
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal((20000, 64)).astype(np.float32)  # float32 lists: 5 MB, ~20 pages a list
+    out = tmp_path / "m.kidx"
+    kidx.write_vectors_index(out, v, [f"{i:05d}" for i in range(len(v))], model="tiny", fingerprint="tiny-v1",
+                             faiss=True, images_root=tmp_path, dtype="float32")
+    limit = 1 << 20
+    index = load_index(out, on_disk=True, max_mapped=limit)
+    index.search(v[0], k=5, backend="faiss", nprobe=1)
+    (part, _, _), = index._load_ivf()[0]
+    lists = faiss.downcast_InvertedLists(part.invlists)
+    pages = index.mapped_pages
+    assert pages.limit == limit and pages.releases == 0
+    # What is counted as mapped covers what the searches really mapped, within the file's size.
+    resident = _mapped_rss(int(lists.ptr))
+    assert 0 < pages.mapped and resident <= pages.mapped + 2 * 4096  # the header pages read on loading
+    one_list = int(pages._list_bytes.max())
+    peak = 0
+    for q in rng.standard_normal((60, 64)):
+        index.search(q, k=5, backend="faiss", nprobe=4)
+        peak = max(peak, _mapped_rss(int(lists.ptr)))
+        assert pages.mapped <= limit
+    assert pages.releases >= 2  # 60 queries x 4 of 128 lists visit most of the 5 MB file
+    assert peak <= limit + 4 * one_list + 2 * 4096  # the limit plus one search's 4 lists
+    # Unlimited, the same searches leave nearly the whole file mapped.
+    unlimited = load_index(out, on_disk=True, max_mapped=1 << 40)
+    for q in rng.standard_normal((60, 64)):
+        unlimited.search(q, k=5, backend="faiss", nprobe=4)
+    (part2, _, _), = unlimited._load_ivf()[0]
+    assert _mapped_rss(int(faiss.downcast_InvertedLists(part2.invlists).ptr)) > 3 * limit
+    assert unlimited.search(v[7], k=3, backend="faiss") == index.search(v[7], k=3, backend="faiss")
+
+
+def test_load_index_refuses_a_negative_mapped_limit(vectors_index):
+    with pytest.raises(ValueError, match="max_mapped"):
+        load_index(vectors_index[0], max_mapped=-1)
+
+
 def test_load_index_keeps_an_index_at_the_threshold_on_disk(vectors_index, monkeypatch):
     out, _, _ = vectors_index
     assert not load_index(out).on_disk

@@ -94,7 +94,10 @@ of their own (ivf.TAIL_ROWS), and deleted rows are skipped by a faiss IDSelector
 From ON_DISK_THRESHOLD vectors up (or with load_index(..., on_disk=True)), the IVF's
 inverted lists stay in their files, memory-mapped (faiss IO_FLAG_MMAP), and the vectors
 are not read at all unless an exact search asks: resident memory is the paths, the
-quantizer and whatever lists the kernel keeps cached.
+quantizer and the lists that searches have visited, which are handed back (madvise) once
+they pass ivf.MAPPED_FRACTION of the IVF files (ivf.MappedPages; load_index's max_mapped).
+The kernel keeps them in its page cache while memory allows, so a search after a hand-back
+finds its lists there without reading the disk.
 
 The code is split by job, each module importing only modules listed before it:
 files (which images a folder holds; shards), format (the constants and record

@@ -11,7 +11,12 @@ part and merges the hits, which is what one IVF holding all the rows would retur
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import mmap
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
@@ -33,6 +38,11 @@ ON_DISK_THRESHOLD = 1_000_000
 # Rows added since the IVF's last part are searched exactly beside it; an add folds them into a
 # new part once there are more than this (64k 512-d float16 rows: ~5 ms a query to scan).
 TAIL_ROWS = 65_536
+# Of memory-mapped parts, the pages of the lists that searches visit stay mapped into the process
+# (its resident memory) until it unmaps them.  Past this fraction of the parts' size (at least
+# MIN_MAPPED_BYTES), a search hands them all back: see MappedPages.
+MAPPED_FRACTION = 0.15
+MIN_MAPPED_BYTES = 64 << 20
 # Parts after the first are merged into one when there are more than this.
 MAX_PARTS = 8
 # Rows per part written by a build: its codes are what a build holds in memory (2 GiB at 512-d fp16).
@@ -163,12 +173,117 @@ class _ExactTopK:
         return self.heap.I
 
 
-def search_parts(parts, q: np.ndarray, k: int, nprobe: int, *, selector=None, tail=None):
+class MappedPages:
+    """Bounds the pages of memory-mapped IVF parts that stay mapped into this process.
+
+    A search of a part read with faiss.IO_FLAG_MMAP touches the pages of the lists it visits, and
+    they count in the process's resident memory until it unmaps them: after a few hundred queries
+    spread over a collection, nearly the whole file.  This counts the pages of each list the first
+    time a search visits it (its codes and ids in every part, by the kernel's fault-around windows) and, once more than `limit`
+    bytes are counted, releases every part's mapping with madvise(MADV_DONTNEED).  The kernel keeps
+    the file's pages in its page cache while memory allows, so the next searches map them again
+    without reading the disk (a minor fault a page); what stays resident is at most `limit` plus
+    one search's lists.  The mapping stays valid: a search running meanwhile faults its pages back in.
+
+    parts: faiss IVFs read with IO_FLAG_MMAP, sharing one quantizer (nlist lists each).
+    Attributes: limit, mapped (bytes counted since the last release), releases (how many).
+    """
+
+    _MADV_DONTNEED = 4  # Linux's value; where madvise is missing, nothing is released (logged once)
+
+    def __init__(self, parts, limit: int):
+        # Deferred: faiss loads on first use, not with koclip.index.
+        import faiss
+
+        self.limit = int(limit)
+        self.mapped = 0
+        self.releases = 0
+        self._lock = threading.Lock()
+        self._regions = []
+        # A fault on a file mapping maps the cached pages around it too (Linux's fault-around:
+        # the aligned 64 KiB about the page), so a list counts the windows its ranges touch.
+        page = max(mmap.PAGESIZE, _FAULT_AROUND)
+        nlist = parts[0].nlist
+        self._list_bytes = np.zeros(nlist, np.int64)
+        for part in parts:
+            lists = faiss.downcast_InvertedLists(part.invlists)
+            self._regions.append((int(lists.ptr), int(lists.totsize)))
+            entries = [lists.lists.at(i) for i in range(nlist)]
+            offset = np.array([e.offset for e in entries], np.int64)
+            size = np.array([e.size for e in entries], np.int64)
+            capacity = np.array([e.capacity for e in entries], np.int64)
+            ids = offset + capacity * lists.code_size  # each list's slot holds its codes, then its ids
+            self._list_bytes += np.where(size > 0, _pages(offset, size * lists.code_size, page)
+                                         + _pages(ids, size * 8, page), 0) * page
+        self._seen = np.zeros(nlist, bool)
+        self._madvise = _libc_madvise()
+
+    def visited(self, lists: np.ndarray) -> None:
+        """Count the lists a search visited ((m, nprobe) list numbers, -1 for none), releasing
+        every mapping once the count passes the limit."""
+        lists = np.unique(lists[lists >= 0])
+        with self._lock:
+            new = lists[~self._seen[lists]]
+            self._seen[new] = True
+            self.mapped += int(self._list_bytes[new].sum())
+            if self.mapped > self.limit:
+                self.release()
+
+    def release(self) -> None:
+        """Unmap every page of the parts from this process (they stay in the page cache)."""
+        if self._madvise is not None:
+            for address, size in self._regions:
+                if self._madvise(address, size, self._MADV_DONTNEED) != 0:
+                    log.warning("madvise of an IVF file's mapping failed (errno %d): its pages stay "
+                                "mapped", ctypes.get_errno())
+                    self._madvise = None
+                    break
+        self._seen[:] = False
+        self.mapped = 0
+        self.releases += 1
+
+
+_FAULT_AROUND = 64 << 10
+
+
+def _pages(start: np.ndarray, length: np.ndarray, page: int) -> np.ndarray:
+    """How many pages the byte ranges [start, start + length) touch (length > 0)."""
+    return (start + length + page - 1) // page - start // page
+
+
+@functools.cache
+def _libc_madvise():
+    if not sys.platform.startswith("linux"):
+        log.info("IVF file mappings are not released on %s: the kernel pages them out under memory "
+                 "pressure", sys.platform)
+        return None
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+def is_mapped(ivf) -> bool:
+    """Whether a faiss IVF's lists are memory-mapped from its file (read with IO_FLAG_MMAP)."""
+    # Deferred: faiss loads on first use, not with koclip.index.
+    import faiss
+
+    return isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+
+
+def mapped_limit(parts_bytes: int) -> int:
+    """The default MappedPages limit for memory-mapped parts of `parts_bytes` bytes in all."""
+    return max(MIN_MAPPED_BYTES, int(MAPPED_FRACTION * parts_bytes))
+
+
+def search_parts(parts, q: np.ndarray, k: int, nprobe: int, *, selector=None, tail=None,
+                 pages: MappedPages | None = None):
     """Search every part of an IVF (and an exact `tail`) and merge: -> (scores (m, k), ids (m, k)),
     ids -1 where fewer than k rows were found.
 
     parts: faiss IVFs sharing one quantizer.  selector: a faiss IDSelector of the ids that may
     be returned (the live rows), or None for all.  tail: (faiss flat index, its rows' ids) or None.
+    pages: the parts' MappedPages when they are memory-mapped: told which lists were visited.
     """
     # Deferred: faiss loads on first use, not with koclip.index.
     import faiss
@@ -190,6 +305,8 @@ def search_parts(parts, q: np.ndarray, k: int, nprobe: int, *, selector=None, ta
                                   faiss.swig_ptr(d), faiss.swig_ptr(i), False, params)
         scores.append(d)
         ids.append(i)
+    if parts and pages is not None:
+        pages.visited(lists)
     if tail is not None and tail[0].ntotal:
         flat, tail_ids = tail
         d, i = flat.search(q, min(k, flat.ntotal))

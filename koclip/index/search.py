@@ -36,7 +36,8 @@ class SearchResult(NamedTuple):
     rank: int
 
 
-def load_index(path, embedder: ImageEmbedder | None = None, *, on_disk: bool | None = None) -> Index:
+def load_index(path, embedder: ImageEmbedder | None = None, *, on_disk: bool | None = None,
+               max_mapped: int | None = None) -> Index:
     """Open the index directory at `path` (format 1 or 2), checking its integrity.
 
     embedder: if given, its name, fingerprint and dim must match the model that
@@ -45,21 +46,30 @@ def load_index(path, embedder: ImageEmbedder | None = None, *, on_disk: bool | N
         through memory maps of its files (resident memory well under the vectors' size);
         default: when the index holds at least ivf.ON_DISK_THRESHOLD vectors.  Otherwise the
         vectors are read (and checked) now.
+    max_mapped: with on_disk, the bytes of the IVF's lists that may stay mapped into this process
+        after searches before they are handed back (ivf.MappedPages); default ivf.mapped_limit:
+        ivf.MAPPED_FRACTION of the IVF files' size, at least ivf.MIN_MAPPED_BYTES.
     Raises IndexFileError for a missing, truncated or corrupt index, or a model
     mismatch.  The faiss IVF files, if any, are read on the first approximate search.
     """
     path = Path(path)
     try:
-        return _load_once(path, embedder, on_disk)
+        index = _load_once(path, embedder, on_disk)
     except FileNotFoundError:
         # A writer may have committed a new version and deleted these files
         # between our reading meta.json and opening them: read meta again once.
-        pass
+        index = None
     try:
-        return _load_once(path, embedder, on_disk)
+        if index is None:
+            index = _load_once(path, embedder, on_disk)
     except FileNotFoundError as e:
         raise IndexFileError(f"index {path} lacks a data file that meta.json names: {e.filename}; "
                              "the index is incomplete, rebuild it") from None
+    if max_mapped is not None:
+        if not isinstance(max_mapped, (int, np.integer)) or max_mapped < 0:
+            raise ValueError(f"max_mapped must be a number of bytes >= 0, got {max_mapped!r}")
+        index.max_mapped = int(max_mapped)
+    return index
 
 
 def _load_once(path: Path, embedder, on_disk) -> Index:
@@ -188,6 +198,8 @@ class Index:
         self._columns: dict[str, list] = dict(columns or {})
         self._flat, self._vectors = flat, vectors
         self._ivf = None  # ([(faiss IVF part, start, stop)], exact tail (flat, row ids) or None)
+        self.max_mapped: int | None = None  # see load_index; None: ivf.mapped_limit of the IVF files
+        self.mapped_pages: _ivf.MappedPages | None = None  # set with the IVF when it is memory-mapped
         self._selector = None
         self._path_values = None
         if self.format_version >= 2 and not lazy:
@@ -430,7 +442,8 @@ class Index:
             with _one_thread_if(len(q) == 1):
                 scores, ids = _ivf.search_parts([p for p, _, _ in parts], q, k,
                                                 int(nprobe or self.ivf_params["nprobe"]),
-                                                selector=self._live_selector(), tail=tail)
+                                                selector=self._live_selector(), tail=tail,
+                                                pages=self._mapped_pages(parts))
             found = ids >= 0
             if found.any() and (ids[found].max() >= self.stored_rows):
                 raise IndexFileError(f"the faiss files of {self.path} return row ids beyond the index's "
@@ -462,6 +475,21 @@ class Index:
                 bitmap = np.packbits(live, bitorder="little")
                 self._selector = (faiss.IDSelectorBitmap(self.stored_rows, faiss.swig_ptr(bitmap)), bitmap)
             return self._selector[0]
+
+    def _mapped_pages(self, parts):
+        """The MappedPages of the IVF's parts when they are memory-mapped, else None."""
+        if not self.on_disk or not parts:
+            return None
+        with self._lock:
+            if self.mapped_pages is None:
+                ivfs = [p for p, _, _ in parts]
+                if not _ivf.is_mapped(ivfs[0]):
+                    return None
+                limit = self.max_mapped
+                if limit is None:
+                    limit = _ivf.mapped_limit(sum(p["bytes"] for p in self.ivf_params.get("parts", ())))
+                self.mapped_pages = _ivf.MappedPages(ivfs, limit)
+            return self.mapped_pages
 
     def _load_ivf(self):
         """The IVF as ([(part, start, stop)], exact tail or None): cached, else read from disk
