@@ -12,11 +12,15 @@
             top-10 latency (median; first query after dropping the files from the page cache,
             and warm), and recall@10 against exact search on fresh queries.  --v1-sizes does the
             same for format 1 (vectors and IVF in memory), for the figures beside today's.
+    read    Writes an index of --n vectors (no IVF) and times reading its vectors into memory
+            (what exact search does first), from disk (after dropping the files from the page
+            cache) and from the page cache, three times each, each in a fresh process.
 
 Each measurement runs in its own process, so one's memory does not count in another's.
 
     python benchmarks/index_scale.py add [--n 1000000] [--add 1000]
     python benchmarks/index_scale.py search [--sizes 1000000,10000000] [--v1-sizes 1000000]
+    python benchmarks/index_scale.py read [--n 1000000]
     python benchmarks/index_scale.py all  [--dir /tmp/x] [--keep]
 """
 
@@ -268,7 +272,20 @@ def search(path: str, queries: str, truth: str, on_disk: bool | None, max_mapped
             "mapped_limit": pages.limit if pages else None, "releases": pages.releases if pages else 0, **ab}
 
 
-WORKERS = {"write_index": write_index, "add_photos": add_photos, "upgrade": upgrade, "exact_truth": exact_truth,
+def read_vectors(path: str, cold: bool) -> dict:
+    """Seconds to read an index's vectors into memory (Index.vectors), from disk if `cold`."""
+    from koclip import index as kidx
+
+    if cold:
+        drop_page_cache(Path(path))
+    index = kidx.load_index(path, on_disk=True)
+    t = time.perf_counter()
+    v = index.vectors
+    return {"seconds": time.perf_counter() - t, "bytes": int(v.nbytes),
+            "files": sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())}
+
+
+WORKERS = {"read_vectors": read_vectors, "write_index": write_index, "add_photos": add_photos, "upgrade": upgrade, "exact_truth": exact_truth,
            "search": search}
 
 
@@ -333,6 +350,20 @@ def bench_add(args, workdir: Path) -> None:
             shutil.rmtree(workdir / name, ignore_errors=True)
 
 
+def bench_read(args, workdir: Path) -> None:
+    path = workdir / f"read-{args.n}.kidx"
+    shutil.rmtree(path, ignore_errors=True)
+    run_worker("write_index", REPO, path=str(path), n=args.n, seed=5, faiss=False)
+    print(f"\n## read the vectors of an index of {args.n:,} x {DIM} fp16 vectors into memory", flush=True)
+    for cold in (True, False, True, False, True, False):
+        r = run_worker("read_vectors", REPO, path=str(path), cold=cold)
+        print(f"{'from disk' if cold else 'from the page cache'}: {r['seconds']:.2f} s, "
+              f"{r['bytes'] / r['seconds'] / 1e6:.0f} MB/s of vectors ({r['files'] / r['seconds'] / 1e6:.0f} MB/s of "
+              f"files); load average {os.getloadavg()[0]:.1f}", flush=True)
+    if not args.keep:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def bench_search(args, workdir: Path) -> None:
     rows = []
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -379,7 +410,7 @@ def main() -> None:
         print(json.dumps(WORKERS[sys.argv[2]](**json.loads(sys.argv[3]))))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("add", "search", "all"))
+    ap.add_argument("what", choices=("add", "search", "read", "all"))
     ap.add_argument("--n", type=int, default=1_000_000, help="index size for the add benchmark")
     ap.add_argument("--add", type=int, default=1000, help="photos to add")
     ap.add_argument("--sizes", default="1000000,10000000", help="index sizes for the search benchmark (format 2)")
@@ -401,6 +432,8 @@ def main() -> None:
             bench_add(args, workdir)
         if args.what in ("search", "all"):
             bench_search(args, workdir)
+        if args.what in ("read", "all"):
+            bench_read(args, workdir)
     finally:
         if not args.dir and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
