@@ -2,6 +2,8 @@
 
 - `tiny_tokenizer_dir`: a temporary directory holding tests/tiny_tokenizer.py's tokenizer
   (KLUE layout, [PAD] = 1).  Tests that need the function itself import it from there.
+- `tiny_model_dir`: TINY with random weights and a character tokenizer, saved in koclip's format
+  (one per test module; read-only use), for tests that load a model by its path.
 - `parity_fixture(name)`: path of a committed checkpoint under tests/fixtures/parity (read-only use).
 - `parity_copy(name)`: a writable copy of one, in tmp_path, for tests that damage files.
 - `hf_cache`: an empty huggingface_hub cache in tmp_path, with `hf_cache.put(repo_id, src_dir)`
@@ -25,9 +27,34 @@ from tiny_tokenizer import write_tiny_tokenizer
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PARITY = FIXTURES / "parity"
 
+
 @pytest.fixture
 def tiny_tokenizer_dir(tmp_path) -> Path:
     return write_tiny_tokenizer(tmp_path / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """TINY with random weights and a character tokenizer, saved in koclip's format."""
+    from flax import nnx
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    import koclip
+    from koclip.config import TINY
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for ch in "바지가방코트사진의 이것은다개고양{}빨간파란":
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    koclip.save(nnx.jit(lambda: koclip.KoCLIP(TINY, rngs=nnx.Rngs(0)))(), d)  # one compile, not one per weight
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(str(d))
+    return d
 
 
 @pytest.fixture

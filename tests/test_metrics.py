@@ -149,30 +149,6 @@ def test_koclip_json_format_is_read(tmp_path):
     assert ds.captions(0) == ("한 장의 사진", "사진")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """TINY with random weights and a character tokenizer, saved in koclip's format."""
-    from flax import nnx
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
-    import koclip
-    from koclip.config import TINY
-
-    d = tmp_path_factory.mktemp("tiny_model")
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for ch in "바지가방코트사진의 이것은다개고양{}":
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.post_processor = TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    koclip.save(nnx.jit(lambda: koclip.KoCLIP(TINY, rngs=nnx.Rngs(0)))(), d)  # one compile, not one per weight
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(str(d))
-    return d
-
-
 def test_eval_zeroshot_prints_a_table_and_writes_json_and_csv(tmp_path, tiny_model_dir, capsys):
     from koclip.cli import main
 
