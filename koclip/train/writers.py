@@ -37,7 +37,7 @@ class MetricWriter:
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float):
-                    self._tb.add_scalar(k.replace("@", "_at_"), v, int(step))  # TensorBoard refuses '@' 
+                    self._tb.add_scalar(k.replace("@", "_at_"), v, int(step))  # TensorBoard refuses '@'
             self._tb.flush()
 
     def close(self) -> None:
