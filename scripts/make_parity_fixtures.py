@@ -9,7 +9,9 @@ from the project's:
         flax==0.12.8 numpy safetensors
     /work/refenv/bin/python scripts/make_parity_fixtures.py
 
-(The tiny tokenizer is built by tests/tiny_tokenizer.py, as the tests build it.)  Every weight is the
+(The tiny tokenizer is built by tests/tiny_tokenizer.py, as the tests build it.)  It replaces only the
+directories below, so the SigLIP and CLIP fixtures that scripts/make_siglip_fixtures.py and
+make_clip_fixtures.py write beside them (with this module's helpers) are left as they are.  Every weight is the
 reference's initialisation plus seeded noise, so LayerNorm scales are not all ones and biases not all
 zeros: a tensor loaded into the wrong place changes the outputs.  Writes, under tests/fixtures/parity/:
 
@@ -125,14 +127,17 @@ def inputs(tokenizer_dir: pathlib.Path, seed: int) -> dict:
 
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json"), pad_token="[PAD]")
     enc = tok(CAPTIONS, padding=True, return_tensors="np")
-    rng = np.random.default_rng(seed)
     return {
         "texts": np.array(CAPTIONS),
         "input_ids": enc["input_ids"].astype(np.int32),
         "attention_mask": enc["attention_mask"].astype(np.int32),
-        "pixel_values": rng.normal(0.0, 1.0, (N_IMAGES, VISION["image_size"], VISION["image_size"], 3))
-        .astype(np.float32),
+        "pixel_values": pixels(seed),
     }
+
+
+def pixels(seed: int) -> np.ndarray:
+    """N_IMAGES seeded standard-normal NHWC images, 32 x 32, float32."""
+    return np.random.default_rng(seed).normal(0.0, 1.0, (N_IMAGES, 32, 32, 3)).astype(np.float32)
 
 
 def l2n(x) -> np.ndarray:
@@ -141,6 +146,7 @@ def l2n(x) -> np.ndarray:
 
 
 def fresh_dir(name: str) -> pathlib.Path:
+    """OUT/name, emptied: the one directory a fixture writes (nothing else under OUT is touched)."""
     d = OUT / name
     if d.exists():
         shutil.rmtree(d)
@@ -239,11 +245,19 @@ def make_vision_tower(name: str, model, seed: int, hidden_of=None) -> None:
     d = fresh_dir(f"towers/{name}")
     model = perturb_torch(model, seed)
     model.save_pretrained(d)
-    pixels = np.random.default_rng(seed).normal(0.0, 1.0, (N_IMAGES, 32, 32, 3)).astype(np.float32)
+    px = pixels(seed)
     with torch.no_grad():
-        hidden, pooled = hidden_of(model, nchw(pixels))
+        hidden, pooled = hidden_of(model, nchw(px))
     extra = {} if pooled is None else {"pooler_output": pooled.numpy()}
-    save_golden(d, pixel_values=pixels, last_hidden_state=hidden.numpy(), **extra)
+    save_golden(d, pixel_values=px, last_hidden_state=hidden.numpy(), **extra)
+
+
+def report(name: str) -> None:
+    """Prints the size of every file under OUT/name, then their total."""
+    files = sorted(f for f in (OUT / name).rglob("*") if f.is_file())
+    for f in files:
+        print(f"{f.stat().st_size:>9}  {f.relative_to(OUT)}")
+    print(f"{sum(f.stat().st_size for f in files):>9}  {name} total bytes")
 
 
 def main():
@@ -260,8 +274,6 @@ def main():
 
     torch.set_num_threads(1)
     ct = _conftest()
-    if OUT.exists():
-        shutil.rmtree(OUT)
     make_hybrid_clip("hybrid_clip_clip", clip_vision_config(), 1, ct)
     make_hybrid_clip("hybrid_clip_vit", vit_config(), 2, ct)
     make_dual_encoder("dual_clip_safetensors", clip_vision_config(), 3, ct)
@@ -287,11 +299,9 @@ def main():
     make_vision_tower("vit_classifier", ViTForImageClassification(vit_config(num_labels=3)), 11,
                       lambda m, px: (m.vit(pixel_values=px).last_hidden_state, None))
 
-    total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
-    for f in sorted(OUT.rglob("*")):
-        if f.is_file():
-            print(f"{f.stat().st_size:>9}  {f.relative_to(OUT)}")
-    print(f"{total:>9}  total bytes")
+    for name in ("hybrid_clip_clip", "hybrid_clip_vit", "dual_clip_safetensors", "dual_vit_safetensors",
+                 "dual_clip_bin", "towers"):
+        report(name)
 
 
 if __name__ == "__main__":
