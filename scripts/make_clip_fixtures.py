@@ -9,7 +9,8 @@ in their published layouts, with reference outputs from transformers' own models
 
 (transformers' Flax models end with 4.57; openai/clip-vit-base-patch32 ships flax_model.msgpack, which koclip
 prefers to its pytorch_model.bin.)  Every weight is the reference's initialisation plus seeded noise, so
-LayerNorm scales are not all ones and biases not all zeros.  Writes:
+LayerNorm scales are not all ones and biases not all zeros (the seeded noise, pixels, fresh directories and
+the size report are scripts/make_parity_fixtures.py's).  Writes, replacing only these:
 
   clip/          CLIPModel, model.safetensors (save_pretrained), eos_token_id = the tokenizer's
                  <|endoftext|>: pooled at its first position
@@ -47,9 +48,8 @@ import pathlib
 import shutil
 
 import numpy as np
+from make_parity_fixtures import OUT, fresh_dir, l2n, nchw, perturb_flax, perturb_torch, pixels, report, torch_ids
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-OUT = ROOT / "tests" / "fixtures" / "parity"
 CLIP_CAPTIONS = [
     "a photo of the cat",
     "A  Photo of THE dog!",  # lower-cased; runs of spaces are one
@@ -65,50 +65,10 @@ MCLIP_CAPTIONS = [
 ]
 SPM_CORPUS = MCLIP_CAPTIONS[:3] + ["빨간 자동차가 도로 위를 달린다", "a photo of a dog", "바다 위의 배 한 마리",
                                    "Wie leben Eisbären in der Antarktis?"]
-N_IMAGES = 3
 VISION = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
               num_attention_heads=4, intermediate_size=37, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 PROJECTION_DIM = 16
 MCLIP_BASE = "xlm-roberta-tiny"
-
-
-def noise(rng: np.random.Generator, shape) -> np.ndarray:
-    """Seeded perturbation: larger for vectors (norm scales, biases) than for matrices."""
-    scale = 0.1 if len(shape) <= 1 else 0.05
-    return rng.normal(0.0, scale, shape).astype(np.float32)
-
-
-def perturb(model, seed: int):
-    import torch
-
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.add_(torch.from_numpy(noise(rng, tuple(p.shape))))
-    return model.eval()
-
-
-def fresh_dir(name: str) -> pathlib.Path:
-    d = OUT / name
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
-    return d
-
-
-def l2n(x) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def nchw(pixels: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
-
-
-def pixels(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).normal(0.0, 1.0, (N_IMAGES, 32, 32, 3)).astype(np.float32)
 
 
 def tokens(tok, texts, **kw) -> dict:
@@ -163,7 +123,7 @@ def make_clip(name: str, tok, *, legacy: bool, seed: int):
                 bos_token_id=0 if legacy else tok.bos_token_id, eos_token_id=eos, pad_token_id=1)
     cfg = CLIPConfig(text_config=text, vision_config=VISION, projection_dim=12 if legacy else PROJECTION_DIM)
     torch.manual_seed(seed)
-    model = perturb(CLIPModel(cfg), seed)
+    model = perturb_torch(CLIPModel(cfg), seed)
     cfg.save_pretrained(d)
     if legacy:  # as the published checkpoint: torch.save of the state dict, buffers included
         sd = dict(model.state_dict())
@@ -175,7 +135,7 @@ def make_clip(name: str, tok, *, legacy: bool, seed: int):
     batch = tokens(tok, CLIP_CAPTIONS, truncation=True, max_length=77)
     px = pixels(seed)
     probe = pooling_probe(vocab_size, eos, seed)
-    ids, mask = (torch.from_numpy(batch[k].astype(np.int64)) for k in ("input_ids", "attention_mask"))
+    ids, mask = torch_ids(batch)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=nchw(px))
         pooled = model.text_model(input_ids=torch.from_numpy(probe["probe_ids"].astype(np.int64)),
@@ -216,8 +176,8 @@ def make_mclip(tok, spm_model: pathlib.Path, clip_model, px, seed: int) -> None:
     torch.manual_seed(seed)
     transformer = XLMRobertaModel(base)  # what AutoModel.from_pretrained(modelBase) builds: with its pooler
     linear = torch.nn.Linear(32, PROJECTION_DIM)
-    perturb(transformer, seed)
-    perturb(linear, seed + 1)
+    perturb_torch(transformer, seed)
+    perturb_torch(linear, seed + 1)
     sd = {f"transformer.{k}": v for k, v in transformer.state_dict().items()}
     sd["transformer.embeddings.position_ids"] = torch.arange(40)[None]  # transformers 4.8 saved the buffer
     sd.update({f"LinearTransformation.{k}": v for k, v in linear.state_dict().items()})
@@ -228,7 +188,7 @@ def make_mclip(tok, spm_model: pathlib.Path, clip_model, px, seed: int) -> None:
     (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     # M-CLIP's forward: pad to the longest, mean of the last hidden state over the mask, linear map.
     batch = tokens(tok, MCLIP_CAPTIONS)
-    ids, mask = (torch.from_numpy(batch[k].astype(np.int64)) for k in ("input_ids", "attention_mask"))
+    ids, mask = torch_ids(batch)
     with torch.no_grad():
         embs = transformer(input_ids=ids, attention_mask=mask)[0]
         feats = linear((embs * mask.unsqueeze(2)).sum(dim=1) / mask.sum(dim=1)[:, None]).numpy()
@@ -244,7 +204,6 @@ def make_mclip(tok, spm_model: pathlib.Path, clip_model, px, seed: int) -> None:
 def make_clip_flax(seed: int = 24) -> None:
     """clip_flax/: FlaxCLIPModel (transformers 4.57), on clip_legacy/'s tokenizer and inputs."""
     import flax.serialization
-    import jax
     import transformers
     from transformers import CLIPConfig, FlaxCLIPModel
 
@@ -258,9 +217,7 @@ def make_clip_flax(seed: int = 24) -> None:
                 eos_token_id=2, pad_token_id=1)
     cfg = CLIPConfig(text_config=text, vision_config={**VISION, "num_hidden_layers": 1}, projection_dim=PROJECTION_DIM)
     model = FlaxCLIPModel(cfg, seed=seed)
-    rng = np.random.default_rng(seed)
-    leaves, treedef = jax.tree_util.tree_flatten(model.params)
-    model.params = jax.tree_util.tree_unflatten(treedef, [np.asarray(x) + noise(rng, np.shape(x)) for x in leaves])
+    model.params = perturb_flax(model.params, seed)
     (d / "flax_model.msgpack").write_bytes(flax.serialization.to_bytes(model.params))
     config = {**cfg.to_dict(), "architectures": ["CLIPModel"], "transformers_version": transformers.__version__}
     (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -270,13 +227,6 @@ def make_clip_flax(seed: int = 24) -> None:
     probe = model.get_text_features(batch["probe_ids"], batch["probe_mask"])
     np.savez_compressed(d / "golden.npz", **batch, text_embeds=l2n(text_embeds), image_embeds=l2n(image_embeds),
                         logit_scale=np.asarray(model.params["logit_scale"]), probe_text_features=np.asarray(probe))
-
-
-def report(name: str) -> None:
-    files = sorted(f for f in (OUT / name).rglob("*") if f.is_file())
-    for f in files:
-        print(f"{f.stat().st_size:>9}  {f.relative_to(OUT)}")
-    print(f"{sum(f.stat().st_size for f in files):>9}  {name} total bytes")
 
 
 def main():
