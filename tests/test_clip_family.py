@@ -25,31 +25,14 @@ from koclip.errors import CheckpointError, ConfigError
 from koclip.formats import safetensors_io
 from koclip.formats.convert import flat_params
 from koclip.formats.torch_zip import read_torch_state_dict
+from parity_helpers import PARITY, TOL, golden, loaded, max_diff
 
-PARITY = Path(__file__).resolve().parent / "fixtures" / "parity"
-TOL = 1e-4
 CLIPS = ["clip", "clip_legacy"]
-
-
-def golden(name: str) -> dict[str, np.ndarray]:
-    with np.load(PARITY / name / "golden.npz") as f:
-        return dict(f)
-
-
-@functools.cache
-def loaded(name: str):
-    return koclip.load(str(PARITY / name))
 
 
 @functools.cache
 def mclip_with_clip():
     return koclip.load(text=str(PARITY / "mclip"), vision=str(PARITY / "clip"))
-
-
-def max_diff(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max())
 
 
 def rows(input_ids, attention_mask) -> list[list[int]]:

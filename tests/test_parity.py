@@ -9,7 +9,6 @@ transposed them for PyTorch.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,35 +17,16 @@ from flax import nnx
 import koclip
 from koclip.formats.convert import flat_params
 from koclip.loading import processor_for
+from parity_helpers import PARITY, TOL, golden, loaded, max_diff
 
-PARITY = Path(__file__).resolve().parent / "fixtures" / "parity"
-
-TOL = 1e-4
 DUAL = ["hybrid_clip_clip", "hybrid_clip_vit", "dual_clip_safetensors", "dual_vit_safetensors", "dual_clip_bin"]
 TEXT_TOWERS = ["roberta", "bert"]
 VISION_TOWERS = ["clip_vision", "clip", "vit", "vit_classifier"]
 
 
-def golden(name: str) -> dict[str, np.ndarray]:
-    with np.load(PARITY / name / "golden.npz") as f:
-        return dict(f)
-
-
-@functools.cache
-def loaded(name: str):
-    """koclip.load of a committed fixture, shared by the tests of this module (loading is read-only)."""
-    return koclip.load(str(PARITY / name))
-
-
 @functools.cache
 def towers(text: str, vision: str) -> koclip.KoCLIP:
     return koclip.from_towers(str(PARITY / "towers" / text), str(PARITY / "towers" / vision), projection_dim=16)
-
-
-def max_diff(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max())
 
 
 @pytest.mark.parametrize("name", DUAL)

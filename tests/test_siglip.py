@@ -8,7 +8,6 @@ were written by scripts/make_siglip_fixtures.py with transformers 5.24's SiglipM
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import shutil
@@ -27,27 +26,10 @@ from koclip.formats.convert import flat_params
 from koclip.images import open_image, preprocess
 from koclip.loading import processor_for
 from koclip.processing import Processor
+from parity_helpers import PARITY, TOL, golden, loaded, max_diff
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-PARITY = FIXTURES / "parity"
 NAMES = ["siglip_spiece", "siglip2_gemma"]
-TOL = 1e-4
-
-
-def golden(name: str) -> dict[str, np.ndarray]:
-    with np.load(PARITY / name / "golden.npz") as f:
-        return dict(f)
-
-
-@functools.cache
-def loaded(name: str):
-    return koclip.load(str(PARITY / name))
-
-
-def max_diff(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max())
 
 
 def texts(name: str) -> list[str]:
