@@ -49,6 +49,7 @@ from koclip.evaluation.datasets import (
     CaptionDataset,
     ClassDataset,
     DatasetError,
+    add_captioned,
     idx_dataset,
 )
 
@@ -144,17 +145,8 @@ def read_xm3600(data_dir, lang: str = "ko", image_root=None) -> CaptionDataset:
             continue
         languages.update(k for k, v in row.items() if isinstance(v, dict) and "caption" in v)
         entry = row.get(lang)
-        caps = entry.get("caption", []) if isinstance(entry, dict) else []
-        caps = tuple(" ".join(c.split()) for c in caps if isinstance(c, str) and c.strip())
-        if not caps:
-            skipped["no_caption"] += 1
-            continue
-        image = root / f"{key}.jpg"
-        if not image.is_file():
-            skipped["missing_file"] += 1
-            continue
-        paths.append(str(image))
-        texts.append(caps)
+        add_captioned(paths, texts, skipped, root / f"{key}.jpg",
+                      entry.get("caption", []) if isinstance(entry, dict) else [])
     if rows and not languages:
         raise DatasetError(f"{path}: not Crossmodal-3600's captions.jsonl (no line has "
                            '"<lang>": {"caption": [...]} entries)')

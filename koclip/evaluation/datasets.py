@@ -82,6 +82,21 @@ class CaptionDataset:
         return self._tag
 
 
+def add_captioned(paths: list[str], texts: list[tuple[str, ...]], skipped: Counter, image: Path, captions) -> None:
+    """One row of a caption file: `image` and its `captions` (a list; each string's runs of whitespace
+    made one space, blank strings and anything else dropped) are appended to `paths` and `texts`, or
+    the row is counted in `skipped`: "no_caption" when none is left, "missing_file" when `image` is
+    not a file."""
+    caps = tuple(" ".join(c.split()) for c in captions if isinstance(c, str) and c.strip())
+    if not caps:
+        skipped["no_caption"] += 1
+    elif not image.is_file():
+        skipped["missing_file"] += 1
+    else:
+        paths.append(str(image))
+        texts.append(caps)
+
+
 def read_captions(path, image_root=None) -> CaptionDataset:
     """Reads a JSONL or KoCLIP-JSON caption file.
 
@@ -122,16 +137,7 @@ def read_captions(path, image_root=None) -> CaptionDataset:
         caps = row.get("captions", row.get("caption", []))
         if isinstance(caps, str):
             caps = [caps]
-        caps = tuple(" ".join(c.split()) for c in caps if isinstance(c, str) and c.strip())
-        if not caps:
-            skipped["no_caption"] += 1
-            continue
-        full = Path(image) if os.path.isabs(image) else root / image
-        if not full.is_file():
-            skipped["missing_file"] += 1
-            continue
-        paths.append(str(full))
-        texts.append(caps)
+        add_captioned(paths, texts, skipped, Path(image) if os.path.isabs(image) else root / image, caps)
     if not paths and rows:
         raise DatasetError(f"{path}: none of its {len(rows)} rows is usable ({dict(skipped)}); "
                            'each needs {"image": path, "captions": [...]} with an existing image')
