@@ -154,6 +154,39 @@ def test_an_unreachable_cluster_is_named(model_dir, photos, tmp_path):
                     ray_address="127.0.0.1:1", progress=False)
 
 
+def test_the_model_seconds_of_a_ray_build_are_per_actor(tmp_path):
+    # Two actors at once, 0.75 s in the model for each of 4 images: 3 actor-seconds, 1.5 s per actor,
+    # so that BuildReport.model_busy is sum / (wall x actors), never above 1 as a plain sum would be.
+    from koclip.index.journal import _Journal
+    from koclip.index.ray_engine import _collect
+
+    def batch(keys):
+        n = len(keys)
+        return {"key": np.array(keys, dtype=object), "size": np.ones(n, np.int64),
+                "sha256": np.array([f"{i:064x}" for i in range(n)], dtype=object), "width": np.ones(n, np.int32),
+                "height": np.ones(n, np.int32), "error": np.array([""] * n, dtype=object),
+                "dup": np.zeros(n, bool), "vector": np.ones((n, 4), np.float32),
+                "model_seconds": np.full(n, 0.75)}
+
+    class Batches:  # what Ray Data's dataset yields, without Ray
+        def iter_batches(self, **kw):
+            return iter([batch(["a.png", "b.png"]), batch(["c.png", "d.png"])])
+
+    journal = _Journal(tmp_path / "x.kidx.partial", {"model": "m", "fingerprint": "f" * 64,
+                                                      "images_root": str(tmp_path), "shard": None})
+    embedded, model_seconds, _ = _collect(Batches(), journal, None, total=4, already=0, progress=False,
+                                          checkpoint_every=100, on_batch=None, t_start=0.0, actors=2)
+    assert (embedded, model_seconds) == (4, 1.5)
+
+
+def test_the_cli_says_a_ray_builds_busy_share_is_per_actor(capsys):
+    from koclip.index import BuildReport
+    from koclip.index.cli import _print_report
+
+    _print_report(BuildReport(Path("x.kidx"), embedded=4, model_seconds=1.5, pipeline_seconds=2.0), ray=True)
+    assert "the model actors were busy 75% of the time each, on average" in capsys.readouterr().out
+
+
 def _actor_processes() -> list[int]:
     """PIDs of the processes running koclip's embedding actors (Ray titles them
     `ray::MapWorker(MapBatches(_EmbedActor))`)."""

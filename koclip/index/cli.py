@@ -23,16 +23,19 @@ from koclip import index as kidx
 from koclip.errors import IndexFileError, KoclipError
 
 
-def _print_report(report: kidx.BuildReport, limit: int = 20) -> None:
+def _print_report(report: kidx.BuildReport, limit: int = 20, *, ray: bool = False) -> None:
+    """ray: the report of an --engine ray build, whose model_busy is per model actor."""
     r = report
     print(f"{r.out_path}: {r.count} images in the index; {r.indexed} written by this run, "
           f"{r.resumed} resumed from an interrupted run, in {r.seconds:.1f} s")
     if r.embedded:
         # Below ~85% busy on a long run, decoding images is the bottleneck, not the model.
         slow_loading = r.model_busy < 0.85 and r.embedded >= 1000
-        print(f"embedded {r.embedded} images at {r.images_per_second:.1f} img/s; the model was busy "
-              f"{100 * r.model_busy:.0f}% of the time"
-              + (" (image loading held it back: try more --workers)" if slow_loading else ""))
+        busy = f"the model actors were busy {100 * r.model_busy:.0f}% of the time each, on average" if ray \
+            else f"the model was busy {100 * r.model_busy:.0f}% of the time"
+        hint = " (image loading held them back)" if ray else " (image loading held it back: try more --workers)"
+        print(f"embedded {r.embedded} images at {r.images_per_second:.1f} img/s; {busy}"
+              + (hint if slow_loading else ""))
     _print_pairs(r.skipped, f"{len(r.skipped)} unreadable images skipped:", "{}: {}", limit)
     _print_pairs(r.duplicates, f"{len(r.duplicates)} duplicates (same bytes as an indexed file) not stored again",
                  "{} = {}", limit)
@@ -80,7 +83,7 @@ def _build(args) -> int:
         koclip.load_embedder(args.model), args.images, args.out, batch_size=args.batch_size, shard=args.shard,
         progress=not args.no_progress, num_workers=args.workers, dtype=args.dtype, faiss=_FAISS[args.faiss],
         lock_wait=args.wait, engine=args.engine, ray_address=args.address, ray_actors=args.actors)
-    _print_report(report)
+    _print_report(report, ray=args.engine == "ray")
     return 0
 
 

@@ -56,9 +56,10 @@ class BuildReport:
     skipped: (path, reason) for each unreadable image.
     duplicates: (path, path_kept) for files whose bytes equal an indexed file.
     seconds: wall time of the call.
-    model_seconds, pipeline_seconds: time spent in encode_pixels, and in the
-        embedding loop as a whole; their ratio is how busy the model was
-        (below ~0.9, image loading is the bottleneck: raise num_workers).
+    model_seconds, pipeline_seconds: time spent in encode_pixels (engine "ray": per
+        model actor, the actors' sum over their number), and in the embedding loop
+        as a whole; their ratio is how busy the model (the mean actor) was (below
+        ~0.9, image loading is the bottleneck: raise num_workers).
     """
 
     out_path: Path

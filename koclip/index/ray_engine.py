@@ -154,8 +154,11 @@ def embed_files(embedder, files: list[tuple[str, Path]], journal: _Journal, *, b
     """Embed the `files` ((stored path, absolute path) pairs) not in `done` into `journal` on Ray.
 
     Same contract as koclip.index.pipeline._embed_files: returns (images embedded, model
-    seconds summed over actors, seconds of the whole stage), and commits to the journal every
-    `checkpoint_every` images or 30 s and when stopped.
+    seconds per actor, seconds of the whole stage), and commits to the journal every
+    `checkpoint_every` images or 30 s and when stopped.  Model seconds are per actor (the
+    actors' summed time in the model over their number), so that model / stage seconds
+    (BuildReport.model_busy) is the mean actor's busy fraction, sum / (wall x actors), not a
+    sum of actors that run at once, which reads over 100% with several.
     address: the cluster to join ("auto", "HOST:PORT"; None: $RAY_ADDRESS, else a local
         Ray started for this build).
     actors: model actors (default: one per ACTOR_CPUS + READ_CPUS of the cluster's CPUs, at
@@ -197,7 +200,7 @@ def embed_files(embedder, files: list[tuple[str, Path]], journal: _Journal, *, b
                             fn_constructor_kwargs={"spec": spec, "fingerprint": embedder.fingerprint})
         return _collect(ds, journal, embedder, total=len(files), already=len(files) - len(todo),
                         progress=progress, checkpoint_every=checkpoint_every, on_batch=on_batch,
-                        t_start=t_start)
+                        t_start=t_start, actors=pool)
     except KoclipError:
         raise
     except Exception as e:  # noqa: BLE001 - Ray wraps a worker's error in its own types
@@ -238,8 +241,10 @@ def _koclip_cause(e: BaseException) -> KoclipError | None:
 
 
 def _collect(ds, journal: _Journal, embedder, *, total: int, already: int, progress: bool,
-             checkpoint_every: int, on_batch, t_start: float) -> tuple[int, float, float]:
-    """Streams the dataset's rows into the journal, once per file."""
+             checkpoint_every: int, on_batch, t_start: float, actors: int) -> tuple[int, float, float]:
+    """Streams the dataset's rows into the journal, once per file; returns (images embedded,
+    model seconds per actor: the batches' model seconds summed over the `actors`' number,
+    seconds since `t_start`)."""
     bar = tqdm(total=total, initial=already, unit="img", desc="embedding (ray)", disable=not progress,
                smoothing=0.05, dynamic_ncols=True)
     records, vectors, failed, dups = _Records(), [], [], []
@@ -281,4 +286,6 @@ def _collect(ds, journal: _Journal, embedder, *, total: int, already: int, progr
     finally:
         commit()  # what finished is kept, even when stopping on an error
         bar.close()
-    return embedded, model_s, time.monotonic() - t_start
+    seconds = time.monotonic() - t_start
+    log.info("the %d model actors spent %.1f actor-seconds in the model in %.1f s", actors, model_s, seconds)
+    return embedded, model_s / actors, seconds
