@@ -6,7 +6,8 @@
 Needs atheris (requirements-bench.txt); not part of `make test`.  Targets:
 
   image        bytes -> koclip.images.open_image, then preprocess ("clip" and "vit")
-  index        meta.json + items json + vectors .npy -> koclip.index.load_index, then a search
+  index        format 2's meta.json + a segment (Parquet) + a deletion file (Parquet), or format 1's
+               meta.json + items json + vectors .npy -> koclip.index.load_index, a search, every column
   journal      a build journal's chunk .npz -> _Journal.read / _Journal.vectors
   msgpack      flax_model.msgpack -> koclip.formats.checkpoints.read_tensors, every tensor
   safetensors  model.safetensors  -> read_tensors, every tensor
@@ -58,7 +59,7 @@ TARGETS = ("image", "index", "journal", "msgpack", "safetensors", "torch", "conf
 # Modules whose Python code atheris instruments for coverage, per target (koclip always).
 _INSTRUMENT = {
     "image": ["PIL"],
-    "index": ["numpy.lib.format", "numpy.lib._format_impl"],
+    "index": ["numpy.lib.format", "numpy.lib._format_impl", "pyarrow.parquet"],
     "journal": ["numpy.lib.npyio", "numpy.lib._npyio_impl", "numpy.lib.format", "numpy.lib._format_impl",
                 "zipfile"],
     "torch": ["zipfile"],
@@ -105,31 +106,61 @@ def _image_seeds() -> dict[str, bytes]:
     return seeds
 
 
-def _index_pack(flags: int, meta: bytes, items: bytes, vectors: bytes) -> bytes:
-    return bytes([flags]) + struct.pack("<HH", len(meta), len(items)) + meta + items + vectors
+# The flag bits of an index fuzz input (see _unpack_index), and the names of its two data files.
+_FORGE, _FORMAT_1, _ON_DISK = 1, 2, 4
+_INDEX_NAMES = {False: ("segment.00.parquet", "deleted.00.parquet"), True: ("items.00.json", "vectors.00.npy")}
+
+
+def _index_pack(flags: int, meta: bytes, first: bytes, second: bytes) -> bytes:
+    return bytes([flags]) + struct.pack("<HH", len(meta), len(first)) + meta + first + second
+
+
+def _parquet_footer_crc32(blob: bytes) -> str:
+    """What format 2's meta.json records as a segment's footer_crc32 (segments._footer_crc32): the
+    crc32 of the footer, its length and the closing magic; of the whole blob when it has no footer."""
+    n = int.from_bytes(blob[-8:-4], "little") if len(blob) >= 12 and blob.endswith(b"PAR1") else -1
+    tail = blob[-(n + 8):] if 0 <= n and n + 12 <= len(blob) else blob
+    return f"{zlib.crc32(tail):08x}"
+
+
+def _forge_meta(m: dict, format_1: bool, first: bytes, second: bytes) -> None:
+    """Point `m`'s file entries at the two data files with their true sizes and checksums."""
+    if format_1:
+        if isinstance(m.get("files"), dict):
+            for key, name, blob in zip(("items", "vectors"), _INDEX_NAMES[True], (first, second)):
+                m["files"][key] = {"name": name, "bytes": len(blob), "crc32": f"{zlib.crc32(blob):08x}"}
+        return
+    segments, deletions = m.get("segments"), m.get("deletions")
+    if isinstance(segments, list) and segments and isinstance(segments[0], dict):
+        segments[0].update(name=_INDEX_NAMES[False][0], bytes=len(first), footer_crc32=_parquet_footer_crc32(first))
+    if isinstance(deletions, list) and deletions and isinstance(deletions[0], dict):
+        deletions[0].update(name=_INDEX_NAMES[False][1], bytes=len(second), crc32=f"{zlib.crc32(second):08x}")
 
 
 def _unpack_index(data: bytes, directory: Path) -> None:
     """Write an index directory from a fuzz input.
 
-    Layout: 1 flag byte, u16 len(meta), u16 len(items), meta.json, items json, vectors .npy (the
-    rest).  Flag bit 0: point meta.json's "files" at the two data files with their true sizes and
-    crc32s (as a forger would), so the fuzzer gets past the checksums into the parsers.
+    Layout: 1 flag byte, u16 len(meta), u16 len(first), meta.json, the first data file, the second
+    (the rest).  Format 2 (flag bit 1 clear): a segment, segment.00.parquet, and a deletion file,
+    deleted.00.parquet; format 1 (bit 1 set): items.00.json and vectors.00.npy.  Flag bit 0: point
+    meta.json's first segment and first deletion file (format 1: its "files") at the two data files
+    with their true sizes and checksums (as a forger would), so the fuzzer gets past the checksums
+    into the parsers.  Bit 2 is read by the target (load on_disk).
     """
     flags = data[0] if data else 0
-    n_meta, n_items = struct.unpack("<HH", data[1:5].ljust(4, b"\0"))
-    meta, items = data[5:5 + n_meta], data[5 + n_meta:5 + n_meta + n_items]
-    vectors = data[5 + n_meta + n_items:]
+    n_meta, n_first = struct.unpack("<HH", data[1:5].ljust(4, b"\0"))
+    meta, first = data[5:5 + n_meta], data[5 + n_meta:5 + n_meta + n_first]
+    second = data[5 + n_meta + n_first:]
+    format_1 = bool(flags & _FORMAT_1)
     for p in directory.iterdir():
         p.unlink()
-    (directory / "items.00.json").write_bytes(items)
-    (directory / "vectors.00.npy").write_bytes(vectors)
-    if flags & 1:
+    for name, blob in zip(_INDEX_NAMES[format_1], (first, second)):
+        (directory / name).write_bytes(blob)
+    if flags & _FORGE:
         try:
             m = json.loads(meta)
-            if isinstance(m, dict) and isinstance(m.get("files"), dict):
-                for key, name, blob in (("items", "items.00.json", items), ("vectors", "vectors.00.npy", vectors)):
-                    m["files"][key] = {"name": name, "bytes": len(blob), "crc32": f"{zlib.crc32(blob):08x}"}
+            if isinstance(m, dict):
+                _forge_meta(m, format_1, first, second)
                 meta = json.dumps(m).encode()
         except (ValueError, RecursionError):
             pass
@@ -139,19 +170,54 @@ def _unpack_index(data: bytes, directory: Path) -> None:
 def _index_seeds() -> dict[str, bytes]:
     import numpy as np
 
-    from koclip.index import write_vectors_index
+    from koclip.index import remove_images, write_vectors_index
+
+    def pack(out: Path, flags: int = _FORGE) -> bytes:
+        """The index at `out`, its files renamed as _unpack_index names them."""
+        meta = json.loads((out / "meta.json").read_bytes())
+        (segment,), deletions = meta["segments"], meta["deletions"]
+        second = b""
+        if deletions:
+            second = (out / deletions[0]["name"]).read_bytes()
+            deletions[0]["name"] = _INDEX_NAMES[False][1]
+        return _index_pack(flags, json.dumps(meta).encode(), (out / segment["name"]).read_bytes(), second)
+
+    def write(out: Path, n: int, dim: int, dtype: str, paths=None, remove=()) -> Path:
+        v = np.random.default_rng(n).normal(size=(n, dim))
+        write_vectors_index(out, v, paths or [f"a/{i}.jpg" for i in range(n)], model="m", fingerprint="f" * 64,
+                            images_root=out.parent, dtype=dtype, faiss=False, sha256=[f"{i:064x}" for i in range(n)])
+        if remove:
+            # The segment takes the name _unpack_index gives it before remove_images writes the
+            # deletion file, which names the segment whose rows it marks.
+            meta = json.loads((out / "meta.json").read_bytes())
+            (out / meta["segments"][0]["name"]).rename(out / _INDEX_NAMES[False][0])
+            meta["segments"][0]["name"] = _INDEX_NAMES[False][0]
+            (out / "meta.json").write_text(json.dumps(meta))
+            remove_images(out, list(remove))
+        return out
 
     seeds = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, n, dim, dtype in (("three16", 3, 4, "float16"), ("two32", 2, 3, "float32"), ("empty", 0, 4, "float16")):
-            out = Path(tmp) / f"{name}.kidx"
-            v = np.random.default_rng(0).normal(size=(n, dim))
-            write_vectors_index(out, v, [f"a/{i}.jpg" for i in range(n)], model="m", fingerprint="f" * 64,
-                                images_root=tmp, dtype=dtype, faiss=False)
-            meta = json.loads((out / "meta.json").read_bytes())
-            items = (out / meta["files"]["items"]["name"]).read_bytes()
-            vectors = (out / meta["files"]["vectors"]["name"]).read_bytes()
-            seeds[name] = _index_pack(1, json.dumps(meta).encode(), items, vectors)
+        t = Path(tmp)
+        seeds["three16"] = pack(write(t / "three16.kidx", 3, 4, "float16"))
+        seeds["four32-one-deleted"] = pack(write(t / "four32.kidx", 4, 3, "float32", remove=["a/1.jpg"]))
+        seeds["four32-one-deleted-on-disk"] = pack(t / "four32.kidx", _FORGE | _ON_DISK)
+        seeds["empty"] = pack(write(t / "empty.kidx", 0, 4, "float16"))
+        # A file name that is not UTF-8 (a surrogate escape): the segment stores its bytes in path_bytes.
+        seeds["path-bytes"] = pack(write(t / "bytes.kidx", 2, 4, "float16", paths=["caf\udce9.jpg", "b.jpg"]))
+        # Format 1 (read-only since format 2, still loaded and searched): written by hand, as
+        # koclip before segments wrote it.
+        v = np.random.default_rng(0).normal(size=(3, 4))
+        v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float16)
+        buf = io.BytesIO()
+        np.save(buf, v)
+        items = json.dumps({"path": [f"a/{i}.jpg" for i in range(3)], "size": [0] * 3, "sha256": ["0" * 64] * 3,
+                            "width": [8] * 3, "height": [6] * 3}).encode()
+        meta = {"format": "koclip-index", "format_version": 1, "model": "m", "fingerprint": "f" * 64, "dim": 4,
+                "dtype": "float16", "count": 3, "images_root": tmp, "images_root_relative": "..",
+                "files": {"items": {}, "vectors": {}, "ivf": None}, "ivf": None}
+        _forge_meta(meta, True, items, buf.getvalue())
+        seeds["format1-three16"] = _index_pack(_FORGE | _FORMAT_1, json.dumps(meta).encode(), items, buf.getvalue())
     return seeds
 
 
@@ -319,9 +385,18 @@ class Target:
         from koclip.index import load_index
 
         _unpack_index(data, self.dir)
-        index = load_index(self.dir)
-        if isinstance(index.dim, int) and 0 < index.dim <= 4096:
-            index.search(np.ones(index.dim, np.float32), k=3, backend="exact")
+        index = load_index(self.dir, on_disk=bool(data and data[0] & _ON_DISK))
+        if not (isinstance(index.dim, int) and 0 < index.dim <= 4096):
+            return
+        if index.on_disk:  # row groups read as the IVF's build and tail read them
+            index.take(np.arange(min(index.count, 3)))
+            for _ in index.blocks(0, index.stored_rows):
+                pass
+        index.search(np.ones(index.dim, np.float32), k=3, backend="exact")
+        for column in (index.sizes, index.sha256, index.widths, index.heights):  # read on first use
+            assert len(column) == index.count, (len(column), index.count)
+        for _ in index.record_blocks():  # what compact and upgrade copy
+            pass
 
     def _setup_journal(self):
         from koclip.index.journal import _Journal
@@ -431,6 +506,10 @@ def _child(args) -> None:
     import resource
 
     cap = args.max_mb << 20
+    # pyarrow's default allocator (mimalloc) reserves address space by the GiB as its threads start,
+    # so that under the cap the first Parquet read failed ("Failed to launch worker thread"); the
+    # system allocator reserves what is allocated, so the cap measures what an input costs.
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     import atheris
 
