@@ -62,7 +62,7 @@ def fixture_copy(tmp_path, target, name) -> Path:
     return dest
 
 
-# ---------------------------------------------------------------- index (meta.json, items, vectors)
+# ---------------------------------------------------------------- index, format 1 (meta.json, items, vectors)
 
 def test_index_vectors_header_that_tokenize_rejects_is_an_index_error(tmp_path):
     # Was tokenize.TokenError from numpy's header parser: "'shape': \xff\xff, 4)" never closes.
@@ -76,6 +76,46 @@ def test_index_vectors_header_claiming_4_gib_is_refused_before_reading(tmp_path)
     path = fixture_copy(tmp_path, "index", "npy-header-4gib.kidx")
     with address_space_cap(), pytest.raises(IndexFileError, match=r"vectors file .*vectors\.00\.npy"):
         load_index(path)
+
+
+# ---------------------------------------------------------------- index, format 2 (meta.json, Parquet files)
+
+def read_index(path):
+    """What the fuzzer does with an index: load it, search it, read every column."""
+    index = load_index(path)
+    index.search(np.ones(index.dim, np.float32), k=3, backend="exact")
+    return index.sizes, index.sha256, index.widths, index.heights
+
+
+def damaged(name, was, file, message):
+    """A committed index FUZZ/index/name, what reading it raised before its fix (`was`), the data file
+    its IndexFileError names and the regex the rest of the message matches."""
+    return pytest.param(name, was, file, message, id=name)
+
+
+@pytest.mark.parametrize("name, was, file, message", [
+    # pyarrow does not check that strings are UTF-8 as it reads them; to_pylist decoded them.
+    damaged("deletion-segment-not-utf8.kidx", "UnicodeDecodeError", "deleted.00.parquet",
+            r"cannot be read \(Column 0: In chunk 0: Invalid: Invalid UTF8 sequence"),
+    damaged("deletion-column-name-not-utf8.kidx", "UnicodeDecodeError", "deleted.00.parquet",
+            r"cannot be read \('utf-8' codec can't decode"),
+    # A damaged page held fewer values than the row group's rows, and pyarrow read what there was:
+    # paths were one short of the rows (ArrowIndexError in a search), sha256 a filter's length
+    # (ArrowInvalid), vectors fewer than the count (AssertionError in loading).
+    damaged("segment-path-column-empty.kidx", "ArrowIndexError", "segment.00.parquet",
+            r"is corrupt: its column 'path' holds 0 values for its 3 rows"),
+    damaged("segment-sha256-column-empty.kidx", "ArrowInvalid", "segment.00.parquet",
+            r"is corrupt: its column 'sha256' holds 0 values for its 4 rows"),
+    damaged("segment-vector-column-empty.kidx", "AssertionError", "segment.00.parquet",
+            r"is corrupt: a column of row group 0 holds 0 values for its 3 rows"),
+    # Found by review, not by the fuzzer: the footer's row count (4) over its row groups' (3).
+    damaged("segment-footer-rows-over-row-groups.kidx", "AssertionError", "segment.00.parquet",
+            r"is corrupt: its footer says 4 rows but its row groups hold \[3\]"),
+])
+def test_damaged_format_2_file_is_an_index_error_naming_it(tmp_path, name, was, file, message):
+    path = fixture_copy(tmp_path, "index", name)
+    with pytest.raises(IndexFileError, match=re.escape(str(path / file)) + " " + message):
+        read_index(path)
 
 
 # ---------------------------------------------------------------- a build's journal (chunk .npz)

@@ -176,16 +176,27 @@ def open_segment(path: Path, entry: dict, meta: dict) -> pq.ParquetFile:
     if rows != entry["rows"]:
         raise IndexFileError(f"segment {path} holds {rows} rows but meta.json says {entry['rows']}; the index "
                              "is inconsistent, rebuild it")
+    groups = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+    if sum(groups) != rows or min(groups, default=0) < 0:
+        raise IndexFileError(f"segment {path} is corrupt: its footer says {rows} rows but its row groups hold "
+                             f"{groups}; rebuild the index")
     return pf
 
 
 def read_column(pf: pq.ParquetFile, name: str, where: Path) -> pa.Array:
-    """One column of a segment, whole, as one Arrow array (pages checked by their CRC32)."""
+    """One column of a segment, whole, as one Arrow array (pages checked by their CRC32), one value a row;
+    its strings valid UTF-8, so that to_pylist cannot fail."""
     try:
-        return pf.read(columns=[name]).column(0).combine_chunks()
+        column = pf.read(columns=[name]).column(0).combine_chunks()
+        column.validate(full=True)
     except _ARROW_ERRORS as e:
         raise IndexFileError(f"segment {where} is corrupt: its column {name!r} cannot be read ({e}); "
                              "rebuild the index") from None
+    # A damaged page can hold fewer values than its row group has rows: pyarrow reads what there is.
+    if len(column) != pf.metadata.num_rows:
+        raise IndexFileError(f"segment {where} is corrupt: its column {name!r} holds {len(column)} values for "
+                             f"its {pf.metadata.num_rows} rows; rebuild the index")
+    return column
 
 
 def read_paths(pf: pq.ParquetFile, where: Path) -> list[str] | pa.Array:
@@ -210,9 +221,11 @@ def iter_vectors(pf: pq.ParquetFile, dim: int, dtype: str, where: Path,
     for i in range(len(firsts) - 1) if row_groups is None else row_groups:
         try:
             column = pf.read_row_group(i, columns=["vector"]).column(0)
+            column.validate(full=True)
         except _ARROW_ERRORS as e:
             raise IndexFileError(f"segment {where} is corrupt: row group {i} cannot be read ({e}); "
                                  "rebuild the index") from None
+        _check_group_rows(where, i, len(column), firsts)
         for chunk, offset in _chunks(column):
             values = chunk.values.to_numpy(zero_copy_only=True)
             yield int(firsts[i]) + offset, values.reshape(len(chunk), dim).view(dtype)
@@ -232,10 +245,12 @@ def iter_records(pf: pq.ParquetFile, dim: int, dtype: str, where: Path) -> Itera
     firsts = row_group_firsts(pf)
     for i in range(len(firsts) - 1):
         try:
-            table = pf.read_row_group(i)
+            table = pf.read_row_group(i)  # its columns as long as the table, or ArrowInvalid
+            table.validate(full=True)  # strings valid UTF-8, for to_pylist
         except _ARROW_ERRORS as e:
             raise IndexFileError(f"segment {where} is corrupt: row group {i} cannot be read ({e}); "
                                  "rebuild the index") from None
+        _check_group_rows(where, i, table.num_rows, firsts)
         items = {c: table.column(c).to_pylist() for c in ("path", "size", "sha256", "width", "height")}
         for j, b in enumerate(table.column("path_bytes").to_pylist()):
             if b is not None:
@@ -243,6 +258,15 @@ def iter_records(pf: pq.ParquetFile, dim: int, dtype: str, where: Path) -> Itera
         column = table.column("vector").combine_chunks()
         vectors = column.flatten().to_numpy(zero_copy_only=True).reshape(len(column), dim).view(dtype)
         yield int(firsts[i]), items, vectors
+
+
+def _check_group_rows(where: Path, i: int, n: int, firsts: np.ndarray) -> None:
+    """Row group i read as `n` values a column: one per row, as the footer says, or IndexFileError.
+    (A damaged page can hold fewer values than its row group has rows: pyarrow reads what there is.)"""
+    rows = int(firsts[i + 1] - firsts[i])
+    if n != rows:
+        raise IndexFileError(f"segment {where} is corrupt: a column of row group {i} holds {n} values for its "
+                             f"{rows} rows; rebuild the index")
 
 
 def row_group_firsts(pf: pq.ParquetFile) -> np.ndarray:
@@ -282,6 +306,8 @@ def read_deletions(path: Path, entry: dict, segments: dict[str, int]) -> dict[st
                              "meta.json); rebuild the index")
     try:
         table = pq.read_table(str(path))
+        # Strings and column names valid UTF-8, columns as long as the table: what follows cannot fail.
+        table.validate(full=True)
     except FileNotFoundError:
         raise
     except _ARROW_ERRORS as e:
