@@ -605,3 +605,13 @@ def test_the_apps_gallery_field_reads_a_format_2_index_and_a_format_1_one(galler
     mini = SimpleNamespace(embedder=SimpleNamespace(name="koclip-mini", fingerprint=load_index(GALLERY).fingerprint,
                                                     dim=768))
     assert support.gallery_index(mini, GALLERY).index.count == 34
+
+
+def test_write_vectors_index_takes_a_path_that_is_not_utf8(tmp_path):
+    name = b"caf\xe9.jpg".decode("utf-8", "surrogateescape")  # a Latin-1 file name, as os.listdir gives it
+    out = tmp_path / "s.kidx"
+    kidx.write_vectors_index(out, np.eye(3, 4), ["a.jpg", name, "b.jpg"], model="tiny", fingerprint="tiny-v1",
+                             faiss=False, images_root=tmp_path)
+    index = load_index(out)
+    assert index.paths == ["a.jpg", name, "b.jpg"]
+    assert index.search(np.eye(3, 4)[1], k=1)[0].path == name

@@ -531,7 +531,7 @@ def write_vectors_index(out_path, vectors, paths: Sequence[str], *, model: str, 
     items = {"path": [str(p) for p in paths],
              "size": [int(x) for x in sizes] if sizes is not None else [0] * n,
              "sha256": list(sha256) if sha256 is not None else
-             [hashlib.sha256(f"path:{p}".encode()).hexdigest() for p in paths],
+             [hashlib.sha256(f"path:{p}".encode("utf-8", "surrogateescape")).hexdigest() for p in paths],
              "width": [int(x) for x in widths] if widths is not None else [0] * n,
              "height": [int(x) for x in heights] if heights is not None else [0] * n}
 
