@@ -86,7 +86,7 @@ const loaded = imgs => imgs.length > 0 && imgs.every(i => i.complete && i.natura
 """
 I2T_DONE = "([labels, file]) => {" + JS_HELPERS + """
   if (failed()) return 'error';
-  const items = [...document.querySelectorAll('[data-testid=stMarkdownContainer] li')]
+  const items = [...document.querySelectorAll('[data-testid=stHtml] li')]
       .map(li => li.textContent.split(' — ')[0].trim());
   return idle() && labels.every(l => items.includes(l)) && captions().some(c => c.startsWith(file))
       && loaded([...document.querySelectorAll('[data-testid=stImage] img')]) ? 'done' : false;
@@ -337,7 +337,7 @@ async def describe(page) -> str:
     """What a page shows, in one line, for a timeout's message."""
     try:
         return await page.evaluate("() => {" + JS_HELPERS + """
-          const items = [...document.querySelectorAll('[data-testid=stMarkdownContainer] li')]
+          const items = [...document.querySelectorAll('[data-testid=stHtml] li')]
               .map(li => li.textContent);
           const alerts = [...document.querySelectorAll('[data-testid=stAlertContainer]')].map(a => a.textContent);
           const files = [...document.querySelectorAll('[data-testid=stFileChip]')].map(a => a.textContent);

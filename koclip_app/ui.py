@@ -1,5 +1,5 @@
 """Streamlit pieces the pages share: the page frame (sidebar with the page links and the model
-picker), the cached model, the image input, the score chart, the error guard.
+picker), the cached model, the image input, the score bars, the error guard.
 
 app.py (the home page) and every file in pages/ run inside `with ui.page(...)`.  Model code
 stays in koclip_app.support; this module only wires it to widgets.
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import html
 import logging
 import os
 
-import altair as alt
 import pandas as pd
 import streamlit as st
 
@@ -214,23 +214,34 @@ def _browser_can_show(data) -> bool:
 
 # ---------------------------------------------------------------- results
 
-def score_chart(ranked, softmax: bool) -> None:
-    """Labels best first as a horizontal bar chart with the value on each bar, plus a text line."""
+BAR_COLOR = "#e4572e"  # the theme's primary colour (.streamlit/config.toml)
+
+
+def score_bars(ranked, softmax: bool) -> None:
+    """Labels best first, one line each: rank, label, the score written out, and the score as a bar.
+
+    Plain HTML (st.html): a Vega-Lite chart made every browser load and run the chart library on
+    each result, the heaviest part of the page (docs/app.md, "Under load").  Probabilities
+    (softmax or SigLIP's sigmoid) are drawn on 0 to 100%; cosine similarities relative to the best.
+    """
     if softmax:
         values = [f"{r.score * 100:.1f}%" if r.score >= 0.0005 else "<0.1%" for r in ranked]
-        axis = alt.X("score:Q", title="확률 / probability", scale=alt.Scale(domain=[0, 1]),
-                     axis=alt.Axis(format="%"))
+        widths = [min(max(r.score, 0.0), 1.0) for r in ranked]
+        unit = "확률 / probability"
     else:
         values = [f"{r.score:.3f}" for r in ranked]
-        axis = alt.X("score:Q", title="코사인 유사도 / cosine similarity")
-    df = pd.DataFrame({"label": [r.label for r in ranked], "score": [r.score for r in ranked],
-                       "value": values})
-    base = alt.Chart(df).encode(y=alt.Y("label:N", sort=None, title=None, axis=alt.Axis(labelFontSize=14)),
-                                x=axis, tooltip=["label", "value"])
-    chart = base.mark_bar(color="#e4572e") + base.mark_text(align="left", dx=4, fontSize=13).encode(text="value:N")
-    # Right padding: the value written after a full-length bar must not be cut off.
-    st.altair_chart(chart.properties(height=36 * len(ranked) + 40, padding={"right": 56}), width="stretch")
-    st.markdown("  \n".join(f"{i}. **{r.label}** — {v}" for i, (r, v) in enumerate(zip(ranked, values), 1)))
+        top = max((r.score for r in ranked), default=0.0)
+        widths = [max(r.score, 0.0) / top if top > 0 else 0.0 for r in ranked]
+        unit = "코사인 유사도 / cosine similarity (막대는 1위 대비 / bars relative to the first)"
+    rows = "".join(
+        f'<li style="margin:0 0 0.35rem 0"><div style="display:flex;align-items:center;gap:0.75rem">'
+        f'<span style="flex:0 0 42%;overflow-wrap:anywhere"><b>{html.escape(r.label)}</b> — {html.escape(v)}</span>'
+        f'<span style="flex:1 1 auto;height:0.9rem;border-radius:3px;background:rgba(128,128,128,0.18)">'
+        f'<span style="display:block;height:100%;width:{w * 100:.1f}%;border-radius:3px;background:{BAR_COLOR}">'
+        f"</span></span></div></li>"
+        for r, v, w in zip(ranked, values, widths))
+    st.html(f'<div style="font-size:0.8rem;opacity:0.7;margin-bottom:0.3rem">{unit}</div>'
+            f'<ol style="margin:0;padding-left:1.6rem">{rows}</ol>')
 
 
 def gallery(engine: support.Engine, folder: str | None):

@@ -51,7 +51,7 @@ with ui.page("image to text"):
             ranked = engine.classify(image, labels, template=template if use_template else None,
                                           ensemble=ensemble, softmax=softmax, image_key=key)
             st.subheader("결과 / Result")
-            ui.score_chart(ranked, softmax)
+            ui.score_bars(ranked, softmax)
             if softmax:
                 st.caption(SIGMOID_NOTE if engine.model.scoring == "sigmoid" else SOFTMAX_NOTE)
             if ui.model_name() == "koclip-mini":

@@ -5,8 +5,10 @@ scores); the tests that check real results use koclip-mini and skip while it can
 """
 
 import dataclasses
+import html
 import io
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -97,14 +99,12 @@ def upload(at, name, data, mime):
 
 
 def ranked_lines(at):
-    """The result list under the chart: [(label, value text), ...] best first."""
-    lines = [m.value for m in at.markdown if m.value.startswith("1. **")]
-    assert lines, f"no result on the page; errors: {[e.value for e in at.error]}"
-    out = []
-    for line in lines[-1].split("  \n"):
-        label, value = line.split(". **", 1)[1].split("** — ")
-        out.append((label, value))
-    return out
+    """The result (ui.score_bars): [(label, value text), ...] best first, as the list items read."""
+    bodies = [h.value for h in at.html if "<ol" in h.value]
+    assert bodies, f"no result on the page; errors: {[e.value for e in at.error]}"
+    items = re.findall(r"<li[^>]*>.*?<b>(.*?)</b> — (.*?)</span>", bodies[-1])
+    assert items, bodies[-1]
+    return [(html.unescape(label), html.unescape(value)) for label, value in items]
 
 
 def errors(at):
@@ -361,7 +361,7 @@ def test_prompt_ensembling_still_ranks_every_label(app):
 def test_an_upload_that_is_not_an_image_is_refused_with_a_message(app):
     at = upload(app("pages/image_to_text.py"), "report.png", b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n", "image/png")
     assert "'report.png'" in errors(at) and "PDF" in errors(at)
-    assert not at.exception and not [m for m in at.markdown if m.value.startswith("1. **")]
+    assert not at.exception and not [h for h in at.html if "<ol" in h.value]
 
 
 def test_a_truncated_upload_is_refused_with_a_message(app):

@@ -131,11 +131,11 @@ def test_upload_a_photo_type_labels_and_read_the_ranking(server):
             labels = page.get_by_label("라벨 (한 줄에 하나) / Labels, one per line")
             labels.fill("\n".join(LABELS))
             labels.press("Control+Enter")
-            result = page.locator("[data-testid=stMarkdownContainer] li").filter(has_text="%")
+            result = page.locator("[data-testid=stHtml] li").filter(has_text="%")
             # Done when the list shows the new labels and no run is going on.
             try:
                 page.wait_for_function(
-                    "() => [...document.querySelectorAll('[data-testid=stMarkdownContainer] li')]"
+                    "() => [...document.querySelectorAll('[data-testid=stHtml] li')]"
                     ".some(li => li.textContent.includes('비행기'))"
                     " && !document.querySelector('[data-testid=stStatusWidget]')", timeout=120_000)
             except PlaywrightTimeout:
