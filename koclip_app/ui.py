@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import html
+import io
 import logging
 import os
 
@@ -177,14 +178,8 @@ def image_input(key: str, default_sample: str = "cat_chelsea.jpg", preview: bool
         if upload is None:
             st.info("이미지를 올려 주세요. / Upload an image.")
             return None
-        data = upload.getvalue()
-        # Decoded once per upload and kept in this session: a big JPEG takes ~100 ms to decode.
-        kept = st.session_state.get(f"{key}_decoded")
-        if kept is None or kept[0] != upload.file_id:
-            kept = (upload.file_id, open_image(data, max_pixels=MAX_PIXELS, name=upload.name))
-            st.session_state[f"{key}_decoded"] = kept
-        image = kept[1]
-        cache_key, caption, shown = "upload:" + upload.file_id, upload.name, data
+        cache_key, caption = "upload:" + upload.file_id, upload.name
+        image, shown = _decoded(key, cache_key, upload.getvalue, upload.name)
     else:
         url = st.text_input("이미지 URL / Image URL", key=f"{key}_url",
                             placeholder="https://example.com/photo.jpg").strip()
@@ -192,22 +187,55 @@ def image_input(key: str, default_sample: str = "cat_chelsea.jpg", preview: bool
             st.info("http(s) 이미지 주소를 입력하세요. / Enter an http(s) image address.")
             return None
         data = _fetch(url)
-        image = open_image(data, max_pixels=MAX_PIXELS, name=url[:200])
-        cache_key, caption, shown = "url:" + hashlib.sha256(data).hexdigest(), url, data
+        cache_key, caption = "url:" + hashlib.sha256(data).hexdigest(), url
+        image, shown = _decoded(key, cache_key, lambda: data, url[:200])
     if preview:
-        # The file's own bytes (or path): re-encoding the decoded image on every rerun costs tens of ms.
         # "content": the image's own width, but never wider than the column (a phone's, too).
-        st.image(shown if _browser_can_show(shown) else image, caption=f"{caption} · {image.width}×{image.height}",
-                 width="content")
+        st.image(shown, caption=f"{caption} · {image.width}×{image.height}", width="content")
     else:
         st.caption(f"{caption} · {image.width}×{image.height}")
     return image, cache_key
 
 
+def _decoded(key: str, cache_key: str, read, name: str):
+    """(the RGB image, what to show of it) for an upload or a URL's bytes, made once per image and kept
+    in this session: a big JPEG takes ~100 ms to decode, and Streamlit would otherwise send the whole
+    file on every rerun (shrinking and re-encoding it on each one when it is wider than 1460 px)."""
+    kept = st.session_state.get(f"{key}_decoded")
+    if kept is None or kept[0] != cache_key:
+        data = read()
+        image = open_image(data, max_pixels=MAX_PIXELS, name=name)
+        kept = (cache_key, image, display_copy(data, image))
+        st.session_state[f"{key}_decoded"] = kept
+    return kept[1], kept[2]
+
+
+# The longest side an image is shown at: a column of the wide layout on a large screen, at 2x.
+DISPLAY_PIXELS = 1024
+DISPLAY_BYTES = 1_000_000
+
+
+def display_copy(data: bytes, image):
+    """The file's own bytes when a browser shows them as they are and they are small; else
+    `display_jpeg(image)` (the page says the original's size in the caption)."""
+    if _browser_can_show(data) and len(data) <= DISPLAY_BYTES and max(image.size) <= DISPLAY_PIXELS:
+        return data
+    return display_jpeg(image)
+
+
+def display_jpeg(image) -> bytes:
+    """An RGB image as a JPEG (quality 85) at most DISPLAY_PIXELS on its longest side.  Given a PIL image,
+    st.image would encode it at its full size with quality 100."""
+    if max(image.size) > DISPLAY_PIXELS:
+        image = image.copy()
+        image.thumbnail((DISPLAY_PIXELS, DISPLAY_PIXELS))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
 def _browser_can_show(data) -> bool:
-    """A path, or bytes in a format every browser displays (JPEG, PNG, GIF, WebP)."""
-    if isinstance(data, str):
-        return True
+    """Bytes in a format every browser displays (JPEG, PNG, GIF, WebP)."""
     head = bytes(data[:12])
     return head.startswith((b"\xff\xd8\xff", b"\x89PNG", b"GIF8")) or (head[:4] == b"RIFF" and head[8:] == b"WEBP")
 

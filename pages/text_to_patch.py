@@ -19,8 +19,9 @@ with ui.page("text to patch"):
         if picked is not None and query:
             image, _ = picked
             ranked = ui.engine().patches(image, query, rows, cols)
-            # JPEG: Streamlit would send a PNG, which takes ~120 ms to encode at 640x480.
-            st.image(heatmap_overlay(image, ranked), width="stretch", output_format="JPEG",
+            # A JPEG at display size: Streamlit would send a PNG (~120 ms to encode at 640x480), or a
+            # quality-100 JPEG at the photo's full size.
+            st.image(ui.display_jpeg(heatmap_overlay(image, ranked)), width="stretch",
                      caption=f"'{query}' · {rows}×{cols} · 1위 / best: {ui.cell_name(ranked[0], ranked)}")
             st.dataframe(ui.patch_table(ranked), hide_index=True, width="stretch",
                          column_config={"점수 / score": st.column_config.NumberColumn(format="%.3f")})

@@ -265,6 +265,18 @@ def test_a_sentencepiece_tokenizer_counts_as_cached(hf_cache, tmp_path, files, c
     assert support.hub_model_cached("msiglip-base") is cached
 
 
+def test_a_large_photo_is_shown_as_a_display_size_jpeg_and_a_small_one_as_its_own_bytes():
+    from koclip_app import ui
+
+    big = Image.new("RGB", (3000, 2000), (30, 120, 200))
+    buf = io.BytesIO()
+    big.save(buf, "PNG")
+    shown = Image.open(io.BytesIO(ui.display_copy(buf.getvalue(), big)))
+    assert shown.format == "JPEG" and shown.size == (ui.DISPLAY_PIXELS, round(ui.DISPLAY_PIXELS * 2 / 3))
+    small = CAT.read_bytes()
+    assert ui.display_copy(small, Image.open(CAT)) is small
+
+
 # ---------------------------------------------------------------- pages (tiny model)
 
 def test_intro_explains_the_models_prompting_and_local_use(app):
