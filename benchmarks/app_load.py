@@ -473,7 +473,8 @@ def print_round(r: Round) -> None:
           f"after {load_average()}; server RSS {r.rss_before:.0f} -> {r.rss_after:.0f} MB (peak {r.rss_peak:.0f}); "
           f"health after: {'ok' if r.healthy_after else 'FAILED'}; server log errors: {r.server_errors}; "
           f"CPU used: server {r.server_cpu:.0f} s, browser {r.browser_cpu:.0f} s "
-          f"(of {r.seconds * (os.cpu_count() or 1):.0f} core-seconds)")
+          f"(of {r.seconds * (os.cpu_count() or 1):.0f} core-seconds; per session "
+          f"{r.server_cpu / r.n:.2f} / {r.browser_cpu / r.n:.2f} s)")
     for page in PAGES:
         st = page_stats([r], page)
         print(f"  {page:14s} shown {st.shown}/{st.expected}  errors {st.errors}  "
@@ -505,13 +506,14 @@ def summary(all_rounds: dict[int, list[Round]], allowance_mb: float, cpu: str) -
             print(f"| {n} | {page} | {c.shown}/{c.expected} | {fmt(c, 'open')} | {fmt(c, 'result')} "
                   f"| {w.shown}/{w.expected} | {fmt(w, 'open')} | {fmt(w, 'result')} | {c.errors + w.errors} |")
     print("\n| N | server RSS, MB: before round 1; after each round (peak during it) | server log errors, "
-          "failed health checks | CPU s per round, server / browser | load average before each round |")
-    print("|---|---|---|---|---|")
+          "failed health checks | CPU s per round, server / browser | per session | load average before each round |")
+    print("|---|---|---|---|---|---|")
     for n, rounds in all_rounds.items():
         rss = ", ".join(f"{r.rss_after:.0f} ({r.rss_peak:.0f})" for r in rounds)
         cpu = ", ".join(f"{r.server_cpu:.0f} / {r.browser_cpu:.0f}" for r in rounds)
+        each = ", ".join(f"{r.server_cpu / n:.1f} / {r.browser_cpu / n:.1f}" for r in rounds)
         print(f"| {n} | {rounds[0].rss_before:.0f}; {rss} | {sum(r.server_errors for r in rounds)}, "
-              f"{sum(not r.healthy_after for r in rounds)} | {cpu} | {'; '.join(r.load for r in rounds)} |")
+              f"{sum(not r.healthy_after for r in rounds)} | {cpu} | {each} | {'; '.join(r.load for r in rounds)} |")
 
     total_errors = sum(round_errors(r) for rounds in all_rounds.values() for r in rounds)
     verdicts = [f"errors {total_errors} (target 0): {'met' if total_errors == 0 else 'MISSED'}"]
