@@ -25,7 +25,8 @@ RSS is the server's (streamlit and its children), before and after each round (a
 contexts have closed and --settle seconds passed), and its peak during the round.  CPU seconds
 used in each round are given for the server and for the browser (Chromium and Playwright's
 driver), which share the machine's cores: on a small machine the browser's share bounds what
-the latencies can show of the server.  --browser-nice N runs the browsers at a lower priority:
+the latencies can show of the server.  They are also split by page, per session: the sessions
+start each page together, so the counters read at those moments divide the round by page.  --browser-nice N runs the browsers at a lower priority:
 the server gets the cores first, as if the browsers were on the users' own machines, and the
 browsers' rendering still counts in every latency (a result is timed when it is shown).
 
@@ -264,6 +265,9 @@ class Round:
     healthy_after: bool = True
     load: str = ""
     seconds: float = 0.0
+    # (server, browser) CPU seconds when all sessions start each page, and at the round's end: all N
+    # sessions are on the same page between two marks, so their differences are each page's CPU.
+    marks: list = field(default_factory=list)
 
     @property
     def cold(self) -> bool:
@@ -352,7 +356,8 @@ async def describe(page) -> str:
 STEPS = dict(zip(PAGES, (image_to_text, text_to_image, text_to_patch)))
 
 
-async def session(browser, url: str, work, barrier: asyncio.Barrier, timeout_ms: float, rnd: Round) -> None:
+async def session(browser, url: str, work, barrier: asyncio.Barrier, timeout_ms: float, rnd: Round,
+                  counters=None) -> None:
     from playwright.async_api import TimeoutError as PlaywrightTimeout
 
     ctx = await browser.new_context(viewport={"width": 1280, "height": 900})
@@ -362,7 +367,8 @@ async def session(browser, url: str, work, barrier: asyncio.Barrier, timeout_ms:
         page.on("crash", lambda _: crashed.append(True))
         page.on("pageerror", lambda e: rnd.js_errors.append(str(e)[:200]))
         for name, step in STEPS.items():
-            await barrier.wait()
+            if await barrier.wait() == 0 and counters:
+                rnd.marks.append(counters())
             visit = Visit(name)
             t = time.perf_counter()
             acted = [t]
@@ -408,7 +414,9 @@ async def run_round(browser, server: Server, n: int, number: int, timeout_s: flo
     sampler = asyncio.create_task(sample_rss())
     t = time.perf_counter()
     try:
-        jobs = [session(browser, server.url, workload(n, number, s), barrier, timeout_s * 1e3, rnd) for s in range(n)]
+        counters = lambda: (server.cpu_s(), browser_cpu_s(server))  # noqa: E731
+        jobs = [session(browser, server.url, workload(n, number, s), barrier, timeout_s * 1e3, rnd, counters)
+                for s in range(n)]
         # Every wait inside has its own timeout; this one bounds the round as a whole.
         results = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True),
                                          timeout=timeout_s * (len(PAGES) * 3 + 2))
@@ -417,6 +425,7 @@ async def run_round(browser, server: Server, n: int, number: int, timeout_s: flo
                 rnd.visits.append(Visit("session", error=f"{type(r).__name__}: {str(r)[:300]}"))
     finally:
         rnd.seconds = time.perf_counter() - t
+        rnd.marks.append((server.cpu_s(), browser_cpu_s(server)))
         done.set()
         await sampler
     await asyncio.sleep(settle_s)
@@ -463,6 +472,14 @@ def page_stats(rounds: list[Round], page: str) -> Stats:
                  [v.open for v in visits if v.open is not None], [v.seconds for v in visits if v.seconds is not None])
 
 
+def page_cpu(r: Round) -> dict:
+    """page -> (server, browser) CPU seconds per session on that page in round r (empty when a session
+    stopped early and the marks are incomplete)."""
+    if len(r.marks) != len(PAGES) + 1:
+        return {}
+    return {page: ((b[0] - a[0]) / r.n, (b[1] - a[1]) / r.n) for page, a, b in zip(PAGES, r.marks, r.marks[1:])}
+
+
 def round_errors(r: Round) -> int:
     return sum(v.error is not None for v in r.visits) + r.server_errors + (not r.healthy_after)
 
@@ -475,12 +492,15 @@ def print_round(r: Round) -> None:
           f"CPU used: server {r.server_cpu:.0f} s, browser {r.browser_cpu:.0f} s "
           f"(of {r.seconds * (os.cpu_count() or 1):.0f} core-seconds; per session "
           f"{r.server_cpu / r.n:.2f} / {r.browser_cpu / r.n:.2f} s)")
+    cpu = page_cpu(r)
     for page in PAGES:
         st = page_stats([r], page)
+        server, browser = cpu.get(page, (float("nan"), float("nan")))
         print(f"  {page:14s} shown {st.shown}/{st.expected}  errors {st.errors}  "
               f"open p50 {st.p('open', 50):6.2f} p95 {st.p('open', 95):6.2f} s  "
               f"result p50 {st.p('result', 50):6.2f} p95 {st.p('result', 95):6.2f} max "
-              f"{max(st.result, default=float('nan')):6.2f} s")
+              f"{max(st.result, default=float('nan')):6.2f} s  CPU per session: server {server:.2f}, "
+              f"browser {browser:.2f} s")
     for v in r.visits:
         if v.error:
             print(f"    ERROR {v.page}: {v.error}")
@@ -514,6 +534,15 @@ def summary(all_rounds: dict[int, list[Round]], allowance_mb: float, cpu: str) -
         each = ", ".join(f"{r.server_cpu / n:.1f} / {r.browser_cpu / n:.1f}" for r in rounds)
         print(f"| {n} | {rounds[0].rss_before:.0f}; {rss} | {sum(r.server_errors for r in rounds)}, "
               f"{sum(not r.healthy_after for r in rounds)} | {cpu} | {each} | {'; '.join(r.load for r in rounds)} |")
+
+    print("\n| N | page | warm CPU s per session and page, server / browser (mean over rounds) |")
+    print("|---|---|---|")
+    for n, rounds in all_rounds.items():
+        cpus = [page_cpu(r) for r in rounds if not r.cold]
+        for page in PAGES:
+            got = [c[page] for c in cpus if page in c]
+            if got:
+                print(f"| {n} | {page} | {np.mean([g[0] for g in got]):.2f} / {np.mean([g[1] for g in got]):.2f} |")
 
     total_errors = sum(round_errors(r) for rounds in all_rounds.values() for r in rounds)
     verdicts = [f"errors {total_errors} (target 0): {'met' if total_errors == 0 else 'MISSED'}"]
