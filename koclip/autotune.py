@@ -5,7 +5,9 @@ among those that keep the quality gates, decided once and remembered.
     autotune.apply(model, plan)        # quantises each tower in place as decided
     plan.summary()                     # "image bf16, text bf16 (measured here in 9.1 s)"
 
-Measuring, per tower (image, text), over the candidates fp32, bf16 and int8 (`koclip.quantize`):
+Measuring, per tower (image, text), over the candidates fp32, bf16 and int8 (`koclip.quantize`), and
+where onnxruntime is installed and the tower can be exported, ort-fp32 and ort-int8 (the tower exported
+to ONNX and run by ONNX Runtime: `koclip.onnx_runtime`):
 
   speed    a copy of the model cut to `TIMING_LAYERS` transformer layers (sharing the float32
            arrays; EfficientNet cannot be cut and runs whole) is quantised in each candidate and
@@ -24,17 +26,20 @@ Measuring, per tower (image, text), over the candidates fp32, bf16 and int8 (`ko
            of the images whose float32 top-2 margin is at least `TIE`.  The images are the
            gallery that ships with koclip (`koclip.data.gallery()`, the model's own preprocessing);
            the texts are `N_LABELS` fixed synthetic token sequences of 3 to `TEXT_LENGTH` tokens
-           (ids drawn from the vocabulary: no tokenizer is needed).  The candidate runs as
+           (ids drawn from the vocabulary: no tokenizer is needed).  A JAX candidate runs as
            `koclip.quantize.simulate` builds it: the same arithmetic from the float32 kernels, so
-           checking costs no memory beyond the float32 model that `load` holds anyway.
+           checking costs no memory beyond the float32 model that `load` holds anyway.  An ONNX
+           Runtime candidate runs in its own session of the whole tower, which is kept to serve it
+           when it wins.
   both     the two winners together must keep the agreement gate too (else the smaller gain
            falls back to fp32).
 
 The decision is written as JSON (atomically) to `cache_root()/precision/<key>.json`, keyed by the
 model (config and sampled weight digest), the CPU (model name, a digest of its flags, core count),
-jax's version and backend, and `VERSION` of this procedure; a later load reads it back without
-timing anything.  `KOCLIP_PRECISION=fp32|bf16|int8` overrides the measurement for both towers
-(`auto` or unset: measure).
+jax's version and backend, onnxruntime's version (or none), and `VERSION` of this procedure; a later
+load reads it back without timing anything.  `KOCLIP_PRECISION=fp32|bf16|int8|ort-fp32|ort-int8`
+overrides the measurement for both towers (`auto` or unset: measure; an ort mode on a tower that
+cannot be exported runs that tower in JAX at the same precision).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from koclip import data
+from koclip import data, onnx_runtime
 from koclip.compile_cache import model_jit
 from koclip.errors import ConfigError
 from koclip.files import atomic_write_text, cache_root
@@ -71,7 +76,11 @@ from koclip.towers.layers import l2_normalize
 log = logging.getLogger(__name__)
 
 ENV = "KOCLIP_PRECISION"
-CANDIDATES = ("fp32", "bf16", "int8")
+JAX_CANDIDATES = ("fp32", "bf16", "int8")
+ORT_CANDIDATES = onnx_runtime.MODES  # ("ort-fp32", "ort-int8"), where onnxruntime is installed
+CANDIDATES = JAX_CANDIDATES + ORT_CANDIDATES
+# An ort mode forced on a tower that cannot be exported: the JAX mode of the same precision.
+JAX_EQUIVALENT = {"ort-fp32": "fp32", "ort-int8": "int8"}
 TOWERS = ("image", "text")
 # Layer paths of each tower, its head included.
 TOWER_PATHS = {"image": r"^(vision_model|visual_projection)(/|$)", "text": r"^(text_model|text_projection)(/|$)"}
@@ -91,7 +100,7 @@ TEXT_LENGTH = 16
 N_LABELS = 16
 ROUNDS = {1: 7, THROUGHPUT_BATCH: 3}
 # Bump when the measurement or the candidates change: older decisions are then measured again.
-VERSION = 1
+VERSION = 2  # 2: ONNX Runtime candidates
 
 # timer(tower, mode, batch) -> seconds per call: replaces the timing (tests inject one).
 Timer = Callable[[str, str, int], float]
@@ -101,7 +110,7 @@ Timer = Callable[[str, str, int], float]
 class Plan:
     """The precision of each tower, and how it was decided.
 
-    image, text: "fp32", "bf16" or "int8".  source: "measured" (here, now), "cached" (read from
+    image, text: "fp32", "bf16", "int8", "ort-fp32" or "ort-int8".  source: "measured" (here, now), "cached" (read from
     `path`), "KOCLIP_PRECISION" or "requested" (`load(precision=...)`).  seconds: what measuring
     cost.  timings: tower -> mode -> {batch: best seconds per call on the timing copy}.
     quality: tower -> mode -> {"cosine": worst cosine to fp32, "agreement": top-1 agreement}.
@@ -148,7 +157,7 @@ class Plan:
                 elif q:
                     parts.append(q.get("note", "fails the gates"))
                 if parts:
-                    lines.append(f"  {mode:5s} " + "; ".join(parts))
+                    lines.append(f"  {mode:8s} " + "; ".join(parts))
         if self.path:
             lines.append(f"decision file: {self.path}")
         return lines
@@ -163,7 +172,7 @@ def plan_for(model: KoCLIP, *, timer: Timer | None = None, use_cache: bool = Tru
     """
     forced = forced_mode()
     if forced is not None:
-        return Plan(forced, forced, ENV)
+        return Plan(*(runnable(model, t, forced) for t in TOWERS), ENV)
     key = decision_key(model)
     path = decision_path(model, key)
     if use_cache:
@@ -189,14 +198,40 @@ def forced_mode() -> str | None:
         return None
     value = {"float32": "fp32", "bfloat16": "bf16"}.get(value, value)
     if value not in CANDIDATES:
-        raise ConfigError(f"{ENV}={os.environ[ENV]!r} is not a precision; valid: fp32, bf16, int8, auto")
+        raise ConfigError(f"{ENV}={os.environ[ENV]!r} is not a precision; valid: {', '.join(CANDIDATES)}, auto")
+    if value in ORT_CANDIDATES and not onnx_runtime.available():
+        raise ConfigError(f"{ENV}={os.environ[ENV]!r} needs onnxruntime and onnx: pip install 'koclip[onnx]'")
     return value
 
 
+def runnable(model: KoCLIP, tower: str, mode: str) -> str:
+    """`mode` for `tower` of `model`, or for an ort mode on a tower that cannot be exported, the JAX
+    mode of the same precision (logged)."""
+    if mode in ORT_CANDIDATES and not onnx_runtime.exportable(model.config, tower):
+        log.warning("%s: the %s tower cannot be exported to ONNX; it runs in JAX %s", mode, tower,
+                    JAX_EQUIVALENT[mode])
+        return JAX_EQUIVALENT[mode]
+    return mode
+
+
+def candidates(model: KoCLIP, tower: str) -> list[str]:
+    """The modes `measure` times for `tower`: fp32, bf16, int8, and ort-fp32, ort-int8 where
+    onnxruntime is installed and the tower can be exported."""
+    ort = onnx_runtime.available() and onnx_runtime.exportable(model.config, tower)
+    return list(JAX_CANDIDATES + (ORT_CANDIDATES if ort else ()))
+
+
 def apply(model: KoCLIP, plan: Plan) -> KoCLIP:
-    """Quantises `model`'s towers in place as `plan` says; returns `model`."""
+    """Runs `model`'s towers as `plan` says: quantises a JAX tower in place, or serves an ort one
+    from an ONNX Runtime session (`koclip.onnx_runtime.attach`; the float32 JAX tower stays, for
+    training and image_features / text_features).  Returns `model`."""
+    ort = {t: plan.mode(t) for t in TOWERS if plan.mode(t) in ORT_CANDIDATES}
+    # Export before quantising: the export reads the float32 weights.
+    for tower, mode in ort.items():
+        onnx_runtime.attach(model, tower, mode)
+    onnx_runtime.release(model)
     for tower in TOWERS:
-        if plan.mode(tower) != "fp32":
+        if plan.mode(tower) not in ("fp32", *ORT_CANDIDATES):
             quantize(model, plan.mode(tower), exclude=TOWER_PATHS[_OTHER[tower]], copy=False)
     return model
 
@@ -212,13 +247,13 @@ def measure(model: KoCLIP, *, timer: Timer | None = None) -> Plan:
     choice = {t: "fp32" for t in TOWERS}
     short = None
     for tower in TOWERS:
-        modes = list(CANDIDATES)
+        modes = candidates(model, tower)
         if timer is None:
             if replaceable_weights(model, exclude=TOWER_PATHS[_OTHER[tower]]) < MIN_TOWER_WEIGHTS:
                 continue
             if not _cut(model.config, tower):
                 # Timing the whole tower costs about what checking it does: check first, time what passes.
-                modes = ["fp32"] + [m for m in CANDIDATES if m != "fp32" and gates.check(tower, m)]
+                modes = ["fp32"] + [m for m in modes if m != "fp32" and gates.check(tower, m)]
                 if modes == ["fp32"]:
                     continue
             short = short or timing_copy(model)
@@ -235,6 +270,8 @@ def measure(model: KoCLIP, *, timer: Timer | None = None) -> Plan:
     if "fp32" not in choice.values() and not gates.pair(choice["image"], choice["text"]):
         weaker = max(TOWERS, key=lambda t: _score(timings[t], choice[t]))
         choice[weaker] = "fp32"
+    # The sessions the checks built for the winners are kept to serve them (apply); the rest go.
+    onnx_runtime.release(model, {(t, m) for t, m in choice.items() if m in ORT_CANDIDATES})
     return Plan(choice["image"], choice["text"], "measured", time.perf_counter() - t0, timings, gates.quality)
 
 
@@ -265,7 +302,7 @@ def time_tower(short: KoCLIP, tower: str, modes=CANDIDATES, rounds: dict[int, in
     of `modes`, through encode_image / encode_text, the modes taking turns round by round."""
     config = short.config
     s = config.vision.image_size
-    variants = {m: quantize(short, m, exclude=TOWER_PATHS[_OTHER[tower]]) for m in modes}
+    variants = {m: _variant(short, tower, m) for m in modes}
     out: dict = {m: {} for m in modes}
     for batch, n in rounds.items():
         if tower == "image":
@@ -286,6 +323,14 @@ def time_tower(short: KoCLIP, tower: str, modes=CANDIDATES, rounds: dict[int, in
     del variants, calls
     trim_heap()
     return out
+
+
+def _variant(short: KoCLIP, tower: str, mode: str) -> KoCLIP:
+    """`short` with `tower` in `mode`: quantised (a copy sharing the other arrays), or a float32 copy
+    whose tower an ONNX Runtime session serves."""
+    if mode in ORT_CANDIDATES:
+        return onnx_runtime.attach(quantize(short, "fp32"), tower, mode)
+    return quantize(short, mode, exclude=TOWER_PATHS[_OTHER[tower]])
 
 
 def _compile_all(calls) -> None:
@@ -381,6 +426,11 @@ class _Gates:
 
     def _embed(self, tower: str, mode: str) -> np.ndarray:
         pixels, (ids, mask) = self._inputs()
+        if mode in ORT_CANDIDATES:
+            runner = onnx_runtime.session(self.model, tower, mode)
+            z = runner(pixels) if tower == "image" else runner(ids, mask)
+            onnx_runtime.keep(self.model, runner)  # to serve the tower if it wins; released if not
+            return np.asarray(z)
         m = self.model if mode == "fp32" else simulate(self.model, mode, exclude=TOWER_PATHS[_OTHER[tower]])
         z = _image_embeddings(m, pixels) if tower == "image" else _text_embeddings(m, ids, mask)
         del m
@@ -407,6 +457,8 @@ class _Gates:
         agree = agreement(ref["image"] @ ref["text"].T, zimg @ ztxt.T)
         passed = cosine >= COSINE_GATE and agree >= AGREEMENT_GATE
         self.quality[tower][mode] = {"cosine": cosine, "agreement": agree, "passed": passed}
+        if not passed:
+            onnx_runtime.drop(self.model, tower, mode)
         trim_heap()  # the compile's and the run's scratch memory
         return passed
 
@@ -421,11 +473,11 @@ class _Gates:
 
 def machine() -> dict:
     """What the decision depends on besides the model: CPU model name, a digest of its flags, cores,
-    jax's version, backend and device kind."""
+    jax's version, backend and device kind, and onnxruntime's version ("" when not installed)."""
     flags = sorted(cpu_flags())
     return {"cpu": cpu_model(), "flags": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
             "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-            "device": jax.devices()[0].device_kind}
+            "device": jax.devices()[0].device_kind, "onnxruntime": onnx_runtime.version()}
 
 
 def cpu_model() -> str:

@@ -77,8 +77,9 @@ def _info(args) -> int:
 
     m = autotune.machine()
     flags = [f for f in _SPEED_FLAGS if f in cpu_flags()]
+    ort = f", onnxruntime {m['onnxruntime']}" if m["onnxruntime"] else ", no onnxruntime (pip install 'koclip[onnx]')"
     print(f"machine: {m['cpu']}, {m['cores']} cores ({' '.join(flags) or 'no AVX2'}); "
-          f"jax {m['jax']} ({m['backend']})")
+          f"jax {m['jax']} ({m['backend']}){ort}")
     model, _ = koclip.load(args.model, precision=args.precision)
     info = model.load_info
     print(f"model: {info.name} from {info.source}, loaded in {info.seconds:.1f} s")
@@ -92,7 +93,7 @@ def _info(args) -> int:
         print(f"  {line}")
     if plan.timings:
         print(f"  (ms per call on a copy cut to {autotune.TIMING_LAYERS} layers per transformer tower; "
-              "score: geometric mean of the times relative to fp32)")
+              "score: geometric mean of the times relative to fp32; ort-*: ONNX Runtime)")
     return 0
 
 
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="this machine, and the precision each tower of a model runs in here")
     p.add_argument("--model", default="koclip-mini", help="a name, hub id or local directory (default: koclip-mini)")
     p.add_argument("--precision", default="auto",
-                   help="auto (measured once per machine, then remembered), fp32, bf16 or int8 (default: auto)")
+                   help="auto (measured once per machine, then remembered), fp32, bf16, int8, ort-fp32 or "
+                        "ort-int8 (default: auto)")
     p.set_defaults(func=_info)
     for name in _SUBCOMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from koclip import autotune, hub, quantize, registry
+from koclip import autotune, hub, onnx_runtime, registry
 from koclip.config import ModelConfig, siglip_text_inputs
 from koclip.errors import CheckpointError
 from koclip.fingerprint import model_digest
@@ -137,14 +137,18 @@ def compose(text: str, vision: str, *, name: str | None = None) -> tuple[KoCLIP,
 
 
 def _with_precision(model, precision):
-    """precision: None/"fp32" (exact), "bf16", "int8" (see koclip.quantize), or "auto" (per tower,
+    """precision: None/"fp32" (exact), "bf16", "int8" (see koclip.quantize), "ort-fp32", "ort-int8"
+    (the towers exported to ONNX Runtime: koclip.onnx_runtime), or "auto" (per tower,
     what serves fastest on this machine within the quality gates, measured once: koclip.autotune)."""
     if precision in (None, "fp32", "float32"):
         return model
     mode = {"bfloat16": "bf16"}.get(precision, precision)
-    if mode != "auto" and mode not in quantize.MODES:
-        raise CheckpointError(f"unknown precision {precision!r}; valid: fp32, bf16, int8, auto")
-    plan = autotune.plan_for(model) if mode == "auto" else autotune.Plan(mode, mode, "requested")
+    if mode != "auto" and mode not in autotune.CANDIDATES:
+        raise CheckpointError(f"unknown precision {precision!r}; valid: {', '.join(autotune.CANDIDATES)}, auto")
+    if mode in autotune.ORT_CANDIDATES and not onnx_runtime.available():
+        raise CheckpointError(f"precision {precision!r} needs onnxruntime and onnx: pip install 'koclip[onnx]'")
+    plan = (autotune.plan_for(model) if mode == "auto" else
+            autotune.Plan(*(autotune.runnable(model, t, mode) for t in autotune.TOWERS), "requested"))
     # Index fingerprints need the float32 weights' digest, which quantising would change.
     object.__setattr__(model, "load_info", dataclasses.replace(model.load_info, weights=model_digest(model),
                                                                precision=plan))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 
 import jax
@@ -18,6 +19,9 @@ from koclip.towers.layers import l2_normalize
 
 # How many times each jitted entry point was traced (= compiled): tests count these.
 TRACES: Counter = Counter()
+# Towers served by another runtime (koclip.onnx_runtime): model -> {tower: fn(*arrays) -> embeddings}.
+# Held beside the model, not in it: nnx would make a session part of the model's graph definition.
+_SERVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # CLIP clips its learned temperature exp(logit_scale) at 100; zero-shot scores use the same ceiling.
 MAX_LOGIT_SCALE = 100.0
 
@@ -74,13 +78,36 @@ class KoCLIP(nnx.Module):
         """
         if isinstance(pixel_values, jax.core.Tracer):
             return l2_normalize(self.image_features(pixel_values).astype(jnp.float32))
+        served = _SERVED.get(self, {}).get("image")
+        if served is not None:
+            return served(pixel_values)
         return _bucketed(_encode_image_jit, self, pixel_values)
 
     def encode_text(self, input_ids, attention_mask):
         """(n, L) token ids and mask -> (n, projection_dim) L2-normalised embeddings."""
         if isinstance(input_ids, jax.core.Tracer):
             return l2_normalize(self.text_features(input_ids, attention_mask).astype(jnp.float32))
+        served = _SERVED.get(self, {}).get("text")
+        if served is not None:
+            return served(input_ids, attention_mask)
         return _bucketed(_encode_text_jit, self, input_ids, attention_mask)
+
+    def serve(self, tower: str, fn=None) -> None:
+        """Makes encode_image (`tower` "image") or encode_text ("text") call `fn` instead of the
+        compiled JAX program: `fn(pixel_values)` or `fn(input_ids, attention_mask)` -> (n,
+        projection_dim) L2-normalised embeddings (koclip.onnx_runtime serves a tower so).  None: back
+        to JAX.  Inside a trace (training) and in image_features / text_features JAX always runs."""
+        if tower not in ("image", "text"):
+            raise ValueError(f"unknown tower {tower!r}; valid: image, text")
+        served = _SERVED.setdefault(self, {})
+        if fn is None:
+            served.pop(tower, None)
+        else:
+            served[tower] = fn
+
+    def served_by(self, tower: str):
+        """What `serve` set for `tower`, or None (the JAX program)."""
+        return _SERVED.get(self, {}).get(tower)
 
     def __call__(self, input_ids, attention_mask, pixel_values):
         """logits_per_image (n_images, n_texts): the model's own logits, exp(logit_scale) * cosine,

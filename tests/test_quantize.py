@@ -190,7 +190,7 @@ def test_unknown_mode_names_the_valid_ones(tiny):
 
 
 def test_load_rejects_an_unknown_precision(parity_fixture):
-    with pytest.raises(CheckpointError, match="'fp16'.*fp32, bf16, int8, auto"):
+    with pytest.raises(CheckpointError, match="'fp16'.*fp32, bf16, int8, ort-fp32, ort-int8, auto"):
         koclip.load(str(parity_fixture("dual_clip_safetensors")), precision="fp16")
 
 

@@ -1,0 +1,468 @@
+"""ONNX Runtime serving for koclip's towers: an exported path that `precision="auto"` may choose.
+
+    runner = onnx_runtime.session(model, "text", "ort-int8")   # export + an InferenceSession
+    z = runner(input_ids, attention_mask)                      # (n, projection_dim), L2-normalised
+    onnx_runtime.attach(model, "text", "ort-int8")             # model.encode_text now runs it
+
+`export(model, tower, mode)` writes the ONNX graph of one tower of a float32 KoCLIP from its own
+weights, its projection head, pooling and L2 normalisation included, so its output is what
+`model.encode_image` / `model.encode_text` return.  Supported towers: CLIP's vision transformer
+and Google's ViT (image), BERT and RoBERTa (text); `exportable(config, tower)` says which.  The
+batch axis is dynamic; token sequences come in the processor's length buckets.
+
+Modes:
+  "ort-fp32"  float32 throughout: the same arithmetic as koclip's float32 path, summed in another
+              order (its own matmul blocking), with ONNX Runtime's fused LayerNorm, GELU and
+              attention kernels.
+  "ort-int8"  koclip's int8 arithmetic (`koclip.quantize`, mode "int8") in ONNX Runtime: every
+              matmul layer that `quantize` would replace (`MIN_WEIGHTS` and up: the transformer's
+              dense layers, the patch embedding, large heads) with int8 weights, one symmetric
+              scale per output column (the same codes), activations quantised per row (per token)
+              with one symmetric scale each, an integer product (MatMulInteger, u8 x s8) rescaled
+              in float32.  Attention products, LayerNorm and softmax stay float32.  (ONNX Runtime's
+              own dynamic quantisation, one activation scale per tensor, was 10% faster here but
+              moved koclip-mini's text embeddings to cosine 0.945 of float32, against 0.986 per row.)
+
+The graph holds no weights: they are handed to the session as external initializers from the
+model's arrays (float32: the host buffers of the model's own arrays; int8: the codes, a quarter of
+the size), so exporting costs no serialised copy, only what the session keeps (ONNX Runtime packs
+each matmul's weights for its kernels).  Nothing is written to disk.
+
+Sessions run with one intra-op thread per core available to this process, sequential execution and
+every graph optimisation; spinning worker threads are turned off, so a session on a shared machine
+does not burn the cores between calls (`session_options`).
+
+onnxruntime and onnx are optional (`pip install 'koclip[onnx]'`): `available()` says whether they
+import.  koclip.autotune times these modes beside fp32, bf16 and int8 where they are available
+and picks them only where they are faster and keep the same quality gates.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+import weakref
+
+import jax.numpy as jnp
+import numpy as np
+
+from koclip.buckets import BATCH_BUCKETS
+from koclip.errors import KoclipError
+from koclip.model import KoCLIP
+from koclip.quantize import _INV_QMAX, MIN_WEIGHTS, quantize_weights
+from koclip.towers.conse import TextHead
+
+log = logging.getLogger(__name__)
+
+MODES = ("ort-fp32", "ort-int8")
+OPSET = 17  # LayerNormalization; what onnxruntime >= 1.14 runs
+IR_VERSION = 9  # onnx 1.23 writes 10 and up by default, which onnxruntime before 1.20 cannot read
+EXPORTABLE = {"image": ("clip", "vit"), "text": ("bert", "roberta")}
+TOWERS = ("image", "text")
+# Initializers at least this large are handed over as external data (the rest are small constants).
+_EXTERNAL_BYTES = 128
+
+
+def available() -> bool:
+    """Whether onnxruntime and onnx import here (`pip install 'koclip[onnx]'`)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+
+
+def exportable(config, tower: str) -> bool:
+    """Whether `tower` ("image" or "text") of a model of `config` can be exported (its head too:
+    a linear or affine projection, none, or koclip-mini's ConSE text head)."""
+    if tower == "image":
+        return config.vision.kind in EXPORTABLE["image"] and config.tower_head("vision") != "conse"
+    return config.text.kind in EXPORTABLE["text"]
+
+
+def _check(model, tower: str, mode: str) -> None:
+    if mode not in MODES:
+        raise KoclipError(f"unknown ONNX Runtime mode {mode!r}; valid: {', '.join(MODES)}")
+    if tower not in TOWERS:
+        raise KoclipError(f"unknown tower {tower!r}; valid: {', '.join(TOWERS)}")
+    if not exportable(model.config, tower):
+        cfg = model.config.vision if tower == "image" else model.config.text
+        raise KoclipError(f"cannot export a {cfg.kind} {tower} tower to ONNX; exportable kinds: "
+                          f"{', '.join(EXPORTABLE[tower])}")
+    if not available():
+        raise KoclipError(f"{mode} needs onnxruntime and onnx: pip install 'koclip[onnx]'")
+
+
+# ---------------------------------------------------------------- building the graph
+
+class _Graph:
+    """Nodes, constants and external weights of one graph under construction."""
+
+    def __init__(self, mode: str):
+        from onnx import TensorProto, helper, numpy_helper
+
+        self.helper, self.numpy_helper, self.TensorProto = helper, numpy_helper, TensorProto
+        self.mode = mode
+        self.nodes: list = []
+        self.initializers: list = []
+        self.external: dict[str, np.ndarray] = {}  # name -> host array handed to the session
+        self._n = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, value, hint: str = "c") -> str:
+        """An initializer holding `value` (numpy array or scalar): external when large."""
+        a = np.asarray(value)
+        name = self.name(hint)
+        if a.nbytes >= _EXTERNAL_BYTES:
+            t = self.TensorProto()
+            t.name = name
+            t.data_type = self.helper.np_dtype_to_tensor_dtype(a.dtype)
+            t.dims.extend(a.shape)
+            t.data_location = self.TensorProto.EXTERNAL
+            for key, v in (("location", "koclip-memory"), ("offset", "0"), ("length", str(a.nbytes))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, v
+            self.initializers.append(t)
+            self.external[name] = np.asarray(a, order="C")
+        else:
+            self.initializers.append(self.numpy_helper.from_array(np.asarray(a, order="C"), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, domain: str = "", outputs: int = 1, **attrs):
+        outs = [self.name(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), outs, domain=domain or None, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    # -- layers
+
+    def linear(self, x: str, kernel, bias=None, *, low_precision: bool = True) -> str:
+        """x (..., k) @ kernel (k, n) + bias: a float32 MatMul, or in "ort-int8", for layers that
+        koclip.quantize would replace (`low_precision`, MIN_WEIGHTS and up), koclip's int8 arithmetic
+        (`koclip.quantize.int8_matmul`): x quantised per row to codes q = round(x * (1 / s)),
+        s = max|x_row| * float32(1 / 127), the kernel per column (`quantize_weights`), an integer
+        product, rescaled by both scales.  The codes go in as uint8 q + 128 with zero point 128, so
+        ONNX Runtime runs its u8 x s8 kernels (its s8 x s8 MatMulInteger was 17x slower here)."""
+        kernel = np.asarray(kernel, np.float32)
+        b = None if bias is None else np.asarray(bias, np.float32)
+        if self.mode == "ort-int8" and low_precision and kernel.size >= MIN_WEIGHTS:
+            q, scale = quantize_weights(kernel)
+            amax = self.op("ReduceMax", self.op("Abs", x), axes=[-1], keepdims=1)
+            s = self.op("Mul", amax, self.const(_INV_QMAX))
+            s = self.op("Where", self.op("Greater", s, self.const(np.float32(0))), s, self.const(np.float32(1)))
+            # |x * (1 / s)| <= 127 up to two float32 roundings, so the codes need no clipping.
+            codes = self.op("Add", self.op("Round", self.op("Mul", x, self.op("Reciprocal", s))),
+                            self.const(np.float32(128)))
+            acc = self.op("MatMulInteger", self.op("Cast", codes, to=self.TensorProto.UINT8), self.const(q, "w8"),
+                          self.const(np.uint8(128), "zero_point"))
+            # (acc * s) * scale, not acc * (s * scale): ONNX Runtime fuses the latter into MatMulIntegerToFloat,
+            # which takes one activation scale per tensor, not per row, and gave wrong results.
+            y = self.op("Mul", self.op("Mul", self.op("Cast", acc, to=self.TensorProto.FLOAT), s),
+                        self.const(scale, "scale"))
+            return y if b is None else self.op("Add", y, self.const(b, "b"))
+        y = self.op("MatMul", x, self.const(kernel, "w"))
+        return y if b is None else self.op("Add", y, self.const(b, "b"))
+
+    def dense(self, x: str, module) -> str:
+        """An nnx.Linear (or a bias-free projection)."""
+        bias = None if module.bias is None else module.bias[...]
+        return self.linear(x, module.kernel[...], bias)
+
+    def layer_norm(self, x: str, module) -> str:
+        n = module.num_features
+        scale = np.ones(n, np.float32) if module.scale is None else np.asarray(module.scale[...], np.float32)
+        bias = np.zeros(n, np.float32) if module.bias is None else np.asarray(module.bias[...], np.float32)
+        return self.op("LayerNormalization", x, self.const(scale, "ln_scale"), self.const(bias, "ln_bias"),
+                       axis=-1, epsilon=float(module.epsilon))
+
+    def activation(self, x: str, name: str) -> str:
+        if name == "gelu":
+            return self.op("Gelu", x, domain="com.microsoft")
+        if name in ("gelu_new", "gelu_pytorch_tanh"):
+            return self.op("FastGelu", x, domain="com.microsoft")
+        if name == "quick_gelu":
+            return self.op("QuickGelu", x, domain="com.microsoft", alpha=1.702)
+        if name == "relu":
+            return self.op("Relu", x)
+        raise KoclipError(f"no ONNX export for activation {name!r}; valid: gelu, gelu_new, quick_gelu, relu")
+
+    def attention(self, q: str, k: str, v: str, bias: str | None, num_heads: int, hidden: int) -> str:
+        """koclip.towers.layers.attention: (batch, seq, hidden) q, k, v and an additive bias
+        broadcastable to (batch, heads, seq, seq) -> (batch, seq, hidden)."""
+        d = hidden // num_heads
+        heads = self.const(np.array([0, 0, num_heads, d], np.int64), "heads")
+        qh = self.op("Transpose", self.op("Reshape", q, heads), perm=[0, 2, 1, 3])
+        kh = self.op("Transpose", self.op("Reshape", k, heads), perm=[0, 2, 3, 1])
+        vh = self.op("Transpose", self.op("Reshape", v, heads), perm=[0, 2, 1, 3])
+        w = self.op("Div", self.op("MatMul", qh, kh), self.const(np.sqrt(np.float32(d)).astype(np.float32)))
+        if bias is not None:
+            w = self.op("Add", w, bias)
+        a = self.op("MatMul", self.op("Softmax", w, axis=-1), vh)
+        return self.op("Reshape", self.op("Transpose", a, perm=[0, 2, 1, 3]),
+                       self.const(np.array([0, 0, hidden], np.int64), "merge"))
+
+    def first_token(self, x: str) -> str:
+        """(batch, seq, h) -> (batch, h): position 0."""
+        return self.op("Gather", x, self.const(np.array(0, np.int64), "zero"), axis=1)
+
+    def l2_normalize(self, z: str) -> str:
+        """koclip.towers.layers.l2_normalize: z / max(||z||, 1e-12)."""
+        norm = self.op("ReduceL2", z, axes=[-1], keepdims=1)
+        return self.op("Div", z, self.op("Max", norm, self.const(np.array(1e-12, np.float32), "eps")))
+
+    def project_and_normalise(self, pooled: str, head) -> str:
+        if isinstance(head, TextHead):  # koclip.towers.conse.text_embed (koclip-mini), all float32 as in koclip
+            t = self.op("Sub", self.l2_normalize(pooled), self.const(np.asarray(head.mean[...], np.float32), "mean"))
+            blend = np.asarray(head.blend[...], np.float32)
+            ridge = self.l2_normalize(self.linear(t, head.kernel[...], low_precision=False))
+            z = self.op("Concat", self.op("Mul", self.const(blend), ridge),
+                        self.op("Mul", self.const(np.float32(1) - blend), self.l2_normalize(t)), axis=-1)
+        else:
+            z = pooled if head is None else self.dense(pooled, head)
+        return self.l2_normalize(z)
+
+    def model(self, inputs, output: str, out_dim: int, name: str):
+        h, T = self.helper, self.TensorProto
+        graph = h.make_graph(self.nodes, name, inputs, [h.make_tensor_value_info(output, T.FLOAT, ["batch", out_dim])],
+                             self.initializers)
+        return h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET), h.make_opsetid("com.microsoft", 1)],
+                            ir_version=IR_VERSION, producer_name="koclip")
+
+
+def _image_graph(model: KoCLIP, g: _Graph):
+    cfg = model.config.vision
+    T = g.TensorProto
+    s, p, c, hdim = cfg.image_size, cfg.patch_size, cfg.num_channels, cfg.hidden_size
+    inputs = [g.helper.make_tensor_value_info("pixel_values", T.FLOAT, ["batch", s, s, c])]
+    tower = model.vision_model
+    o = s // p
+    x = "pixel_values"
+    if o * p != s:  # the ragged edge a VALID convolution drops
+        x = g.op("Slice", x, g.const(np.array([0, 0], np.int64)), g.const(np.array([o * p, o * p], np.int64)),
+                 g.const(np.array([1, 2], np.int64)))
+    # koclip.towers.layers.to_patches: (n, o, p, o, p, c) -> (n, o, o, p, p, c) -> (n, o * o, p * p * c)
+    x = g.op("Reshape", x, g.const(np.array([-1, o, p, o, p, c], np.int64), "patch_shape"))
+    x = g.op("Transpose", x, perm=[0, 1, 3, 2, 4, 5])
+    x = g.op("Reshape", x, g.const(np.array([-1, o * o, p * p * c], np.int64), "patch_rows"))
+    if cfg.kind == "clip":
+        emb = tower.embeddings
+        conv, cls = emb.patch_embedding, np.asarray(emb.class_embedding[...], np.float32).reshape(1, 1, hdim)
+        pos = np.asarray(emb.position_embedding.embedding[...], np.float32)[None]
+    else:
+        emb = tower.embeddings
+        conv, cls = emb.patch_embeddings.projection, np.asarray(emb.cls_token[...], np.float32)
+        pos = np.asarray(emb.position_embeddings[...], np.float32)
+    kernel = np.asarray(conv.kernel[...], np.float32)
+    x = g.linear(x, kernel.reshape(-1, kernel.shape[-1]), None if conv.bias is None else conv.bias[...])
+    # The class token, one per row: broadcast to (n, 1, h) by the batch size of x.
+    n = g.op("Slice", g.op("Shape", x), g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64)))
+    shape = g.op("Concat", n, g.const(np.array([1, hdim], np.int64)), axis=0)
+    x = g.op("Concat", g.op("Expand", g.const(cls, "cls"), shape), x, axis=1)
+    x = g.op("Add", x, g.const(pos, "pos"))
+    if cfg.kind == "clip":
+        x = g.layer_norm(x, tower.pre_layrnorm)
+        for layer in tower.encoder.layers:
+            a = layer.self_attn
+            y = g.layer_norm(x, layer.layer_norm1)
+            y = g.attention(g.dense(y, a.q_proj), g.dense(y, a.k_proj), g.dense(y, a.v_proj), None,
+                            a.num_heads, hdim)
+            x = g.op("Add", x, g.dense(y, a.out_proj))
+            y = g.layer_norm(x, layer.layer_norm2)
+            y = g.dense(g.activation(g.dense(y, layer.mlp.fc1), cfg.hidden_act), layer.mlp.fc2)
+            x = g.op("Add", x, y)
+        pooled = g.layer_norm(g.first_token(x), tower.post_layernorm)
+    else:
+        for layer in tower.encoder.layer:
+            a = layer.attention.attention
+            y = g.layer_norm(x, layer.layernorm_before)
+            y = g.attention(g.dense(y, a.query), g.dense(y, a.key), g.dense(y, a.value), None, a.num_heads, hdim)
+            x = g.op("Add", x, g.dense(y, layer.attention.output.dense))
+            y = g.layer_norm(x, layer.layernorm_after)
+            y = g.dense(g.activation(g.dense(y, layer.intermediate.dense), cfg.hidden_act), layer.output.dense)
+            x = g.op("Add", x, y)
+        # The final LayerNorm is per token: only the pooled one is needed.
+        pooled = g.op("Tanh", g.dense(g.layer_norm(g.first_token(x), tower.layernorm), tower.pooler.dense))
+    z = g.project_and_normalise(pooled, model.visual_projection)
+    return g.model(inputs, z, model.config.projection_dim, "koclip_image")
+
+
+def _text_graph(model: KoCLIP, g: _Graph):
+    cfg = model.config.text
+    T = g.TensorProto
+    inputs = [g.helper.make_tensor_value_info(n, T.INT32, ["batch", "seq"]) for n in ("input_ids", "attention_mask")]
+    tower = model.text_model
+    emb = tower.embeddings
+    hdim = cfg.hidden_size
+    if cfg.positions == "padding":  # koclip.towers.bert.position_ids
+        real = g.op("Cast", g.op("Not", g.op("Equal", "input_ids", g.const(np.array(cfg.pad_token_id, np.int32)))),
+                    to=T.INT32)
+        counted = g.op("CumSum", real, g.const(np.array(1, np.int32)))
+        positions = g.op("Add", g.op("Mul", counted, real), g.const(np.array(cfg.pad_token_id, np.int32)))
+    else:
+        seq = g.op("Squeeze", g.op("Slice", g.op("Shape", "input_ids"), g.const(np.array([1], np.int64)),
+                                   g.const(np.array([2], np.int64))))
+        positions = g.op("Range", g.const(np.array(0, np.int64)), seq, g.const(np.array(1, np.int64)))
+    x = g.op("Gather", g.const(np.asarray(emb.word_embeddings.embedding[...], np.float32), "words"), "input_ids")
+    x = g.op("Add", x, g.op("Gather", g.const(np.asarray(emb.position_embeddings.embedding[...], np.float32), "pos"),
+                            positions))
+    x = g.op("Add", x, g.const(np.asarray(emb.token_type_embeddings.embedding[...], np.float32)[0], "token_type"))
+    x = g.layer_norm(x, emb.LayerNorm)
+    # koclip.towers.layers.padding_bias: 0 where attended, float32's lowest elsewhere; (n, 1, 1, seq)
+    keep = g.op("Greater", g.op("Unsqueeze", "attention_mask", g.const(np.array([1, 2], np.int64))),
+                g.const(np.array(0, np.int32)))
+    bias = g.op("Where", keep, g.const(np.array(0.0, np.float32)), g.const(np.array(np.finfo(np.float32).min)))
+    for layer in tower.encoder.layer:
+        a = layer.attention.self
+        y = g.attention(g.dense(x, a.query), g.dense(x, a.key), g.dense(x, a.value), bias, a.num_heads, hdim)
+        out = layer.attention.output
+        x = g.layer_norm(g.op("Add", g.dense(y, out.dense), x), out.LayerNorm)
+        y = g.activation(g.dense(x, layer.intermediate.dense), cfg.hidden_act)
+        x = g.layer_norm(g.op("Add", g.dense(y, layer.output.dense), x), layer.output.LayerNorm)
+    if cfg.pooling == "pooler":
+        pooled = g.op("Tanh", g.dense(g.first_token(x), tower.pooler.dense))
+    elif cfg.pooling == "mean":
+        m = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=T.FLOAT), g.const(np.array([2], np.int64)))
+        total = g.op("ReduceSum", g.op("Mul", x, m), g.const(np.array([1], np.int64)), keepdims=0)
+        count = g.op("Max", g.op("ReduceSum", m, g.const(np.array([1], np.int64)), keepdims=0),
+                     g.const(np.array(1.0, np.float32)))
+        pooled = g.op("Div", total, count)
+    else:
+        pooled = g.first_token(x)
+    z = g.project_and_normalise(pooled, model.text_projection)
+    return g.model(inputs, z, model.config.projection_dim, "koclip_text")
+
+
+def export(model: KoCLIP, tower: str, mode: str = "ort-fp32"):
+    """(onnx.ModelProto, {name: numpy array}): the graph of `tower` ("image" or "text") of float32
+    `model` in `mode`, and the weights it names as external initializers (see `session`).
+
+    Inputs: image `pixel_values` (batch, S, S, 3) float32 (NHWC, as koclip's processor gives them);
+    text `input_ids`, `attention_mask` (batch, seq) int32.  Output (batch, projection_dim) float32,
+    L2-normalised: what encode_image / encode_text return.
+    """
+    _check(model, tower, mode)
+    g = _Graph(mode)
+    proto = _image_graph(model, g) if tower == "image" else _text_graph(model, g)
+    return proto, g.external
+
+
+# ---------------------------------------------------------------- running it
+
+def threads() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def session_options(n_threads: int | None = None):
+    """onnxruntime.SessionOptions as koclip runs its sessions: `n_threads` intra-op threads (default:
+    this process's cores), sequential execution, every graph optimisation, no spinning between calls."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = n_threads or threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    for key, value in SESSION_CONFIG.items():
+        opts.add_session_config_entry(key, value)
+    return opts
+
+
+# Threads that spin after their work keep a shared machine's cores busy between calls, and make a call
+# that has to wait for a descheduled thread slower, not faster.
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+
+
+def inference_session(proto, external: dict, n_threads: int | None = None):
+    """An onnxruntime.InferenceSession (CPU, `session_options(n_threads)`) of graph `proto` whose external
+    initializers are the arrays of `external` (name -> numpy array), as `export` returns them."""
+    import onnxruntime as ort
+
+    opts = session_options(n_threads)
+    names = list(external)
+    # The session copies them in before optimising the graph: these host buffers may go afterwards.
+    opts.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(external[n]) for n in names])
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+class OrtTower:
+    """One exported tower in an ONNX Runtime session.
+
+    `__call__(pixel_values)` (image) or `__call__(input_ids, attention_mask)` (text) -> (n,
+    projection_dim) float32 jax array, L2-normalised; runs at most BATCH_BUCKETS[-1] rows per
+    session call (the batch axis is dynamic: no padding rows).
+    """
+
+    def __init__(self, proto, external: dict, tower: str, mode: str, n_threads: int | None = None):
+        self.tower, self.mode = tower, mode
+        self.input_names = [i.name for i in proto.graph.input]
+        self.out_dim = proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+        self.session = inference_session(proto, external, n_threads)
+
+    def __call__(self, *arrays):
+        if len(arrays) != len(self.input_names):
+            raise TypeError(f"the {self.tower} tower takes {', '.join(self.input_names)}; got {len(arrays)} arrays")
+        dtypes = (np.float32,) if self.tower == "image" else (np.int32, np.int32)
+        arrays = [np.ascontiguousarray(np.asarray(a), dtype=t) for a, t in zip(arrays, dtypes)]
+        n = arrays[0].shape[0]
+        if n == 0:
+            return jnp.zeros((0, self.out_dim), jnp.float32)
+        top = BATCH_BUCKETS[-1]
+        outs = [self.session.run(None, {k: a[i:i + top] for k, a in zip(self.input_names, arrays)})[0]
+                for i in range(0, n, top)]
+        return jnp.asarray(outs[0] if len(outs) == 1 else np.concatenate(outs))
+
+
+def session(model: KoCLIP, tower: str, mode: str, *, n_threads: int | None = None) -> OrtTower:
+    """`tower` of float32 `model` exported in `mode` and loaded in an ONNX Runtime session (the one
+    `keep` holds for this model, if any)."""
+    _check(model, tower, mode)
+    kept = _KEPT.get(model, {}).get((tower, mode))
+    if kept is not None and n_threads is None:
+        return kept
+    proto, external = export(model, tower, mode)
+    return OrtTower(proto, external, tower, mode, n_threads)
+
+
+# Sessions built while measuring (the quality check runs the whole tower) and kept for `attach`,
+# so a model's first load builds each chosen session once.
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def keep(model: KoCLIP, runner: OrtTower) -> None:
+    """Holds `runner` (a session of `model`'s) for a later `session`/`attach` of the same tower and mode."""
+    _KEPT.setdefault(model, {})[runner.tower, runner.mode] = runner
+
+
+def drop(model: KoCLIP, tower: str, mode: str) -> None:
+    """Forgets the kept session of `model`'s `tower` in `mode`, if any."""
+    _KEPT.get(model, {}).pop((tower, mode), None)
+
+
+def release(model: KoCLIP, keep_only=frozenset()) -> None:
+    """Forgets the kept sessions of `model` except those whose (tower, mode) is in `keep_only`."""
+    for key in [k for k in _KEPT.get(model, {}) if k not in keep_only]:
+        drop(model, *key)
+
+
+def attach(model: KoCLIP, tower: str, mode: str) -> KoCLIP:
+    """Makes `model.encode_image` (tower "image") or `model.encode_text` ("text") run `tower` through
+    an ONNX Runtime session of `mode` (the kept one, if any); the JAX path stays (training,
+    image_features / text_features).  Returns `model`."""
+    model.serve(tower, session(model, tower, mode))
+    drop(model, tower, mode)  # the model holds it now
+    return model
+
+
+@functools.lru_cache(maxsize=1)
+def version() -> str:
+    """onnxruntime's version, or "" when it is not installed."""
+    if not available():
+        return ""
+    import onnxruntime as ort
+
+    return ort.__version__
