@@ -9,7 +9,8 @@ architecture with random weights: multilingual-e5-small + EfficientNet-Lite0) it
   text throughput   texts/s   batch 32, --text-len tokens
   text latency      ms        batch 1
 
-for koclip in fp32 / bf16 / int8 (`koclip.quantize`), with its default marked:
+for koclip in fp32 / bf16 / int8 (`koclip.quantize`) and ort-fp32 / ort-int8 (koclip's own export of
+the tower, from its weights, served by ONNX Runtime: `koclip.onnx_runtime`), with its default marked:
 what `precision="auto"` picks for each tower on this machine (`koclip.autotune`,
 measured afresh at the start of each architecture), and for the peers, each
 computing projected, L2-normalised embeddings of the same architecture:
@@ -62,6 +63,7 @@ from pathlib import Path
 import numpy as np
 
 JAX_MODES = ("fp32", "bf16", "int8")
+KOCLIP_MODES = JAX_MODES + ("ort-fp32", "ort-int8")
 
 
 # ---------------------------------------------------------------- timing
@@ -298,6 +300,8 @@ def _quiet_quantize_dynamic(src: Path, dst: Path) -> None:
 
 def peer_precision(name: str) -> tuple[str, str]:
     """(runtime, precision) of a side, the key of its matmul peak."""
+    if name.startswith("koclip ort-"):
+        return "ONNX Runtime", name.split("-")[-1]
     if name.startswith("koclip"):
         return "XLA", name.split()[1]
     if name.startswith("torch"):
@@ -418,22 +422,28 @@ def measure(arch: str, model, args, peaks: dict, workdir: Path) -> list[dict]:
     """Rows of the result table for one architecture; `model` is its fp32 KoCLIP."""
     import torch
 
-    from koclip import autotune
+    from koclip import autotune, onnx_runtime
     from koclip.quantize import quantize
 
     config = model.config
-    jax_models = {m: (model if m == "fp32" else quantize(model, m)) for m in args.modes}
+    jax_models = {m: (model if m == "fp32" else quantize(model, m)) for m in args.modes if m in JAX_MODES}
     # koclip's default: precision="auto", measured now for this model on this machine (not read back).
     plan = autotune.measure(model)
+    onnx_runtime.release(model)  # the sessions its checks kept: each tower's are built below, in turn
     print(f"\n{arch}: precision='auto' measured: " + "\n  ".join(plan.details()), flush=True)
     for tower in autotune.TOWERS:
         mode = plan.mode(tower)
-        if mode not in jax_models:
+        if mode not in jax_models and mode in JAX_MODES:
             jax_models[mode] = quantize(model, mode)
     image_factory, text_factory = torch_towers(arch, config)
     rows = []
     for kind, factory in (("image", image_factory), ("text", text_factory)):
         default = f"koclip {plan.mode(kind)}"
+        # koclip's ONNX Runtime modes for this tower only (a session holds its own copy of the weights).
+        ort_modes = [m for m in dict.fromkeys([*args.modes, plan.mode(kind)]) if m in autotune.ORT_CANDIDATES]
+        ort_models = {}
+        if ort_modes and onnx_runtime.available() and onnx_runtime.exportable(config, kind):
+            ort_models = {m: onnx_runtime.attach(quantize(model, "fp32"), kind, m) for m in ort_modes}
         torch_models = {f"torch {n}": factory(d) for n, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
         s = config.vision.image_size
         example = ({"pixel_values": np.zeros((1, 3, s, s), np.float32)} if kind == "image" else
@@ -452,7 +462,7 @@ def measure(arch: str, model, args, peaks: dict, workdir: Path) -> list[dict]:
                                      (f"{kind} latency", 1, args.latency_rounds)):
             pixels, ids, mask = inputs(config, batch, args.text_len)
             sides = {}
-            for name, m in jax_models.items():
+            for name, m in {**jax_models, **ort_models}.items():
                 if kind == "image":
                     call = (lambda m: lambda: np.asarray(m.encode_image(pixels)))(m)
                 else:
@@ -488,7 +498,7 @@ def measure(arch: str, model, args, peaks: dict, workdir: Path) -> list[dict]:
                              load=os.getloadavg()[0], default=default, flop=flop, peaks=peaks,
                              plan=plan.mode(kind)))
             print_row(rows[-1], flush=True)
-        del torch_models, peers
+        del torch_models, peers, ort_models
         gc.collect()
     return rows
 
@@ -674,7 +684,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 rounds, batch 8: a smoke run")
     ap.add_argument("--models", default="base,mini", help="comma-separated: base, mini")
-    ap.add_argument("--modes", default=",".join(JAX_MODES), help="koclip precisions to race")
+    ap.add_argument("--modes", default=",".join(KOCLIP_MODES), help="koclip precisions to race")
     ap.add_argument("--batch", type=int, default=32, help="batch size for throughput")
     ap.add_argument("--rounds", type=int, default=5, help="rounds at the throughput batch")
     ap.add_argument("--latency-rounds", type=int, default=20, help="rounds at batch 1")
