@@ -328,3 +328,17 @@ def test_the_decision_key_names_onnxruntimes_version(models):
     model, _ = models["dual_clip_safetensors"]
     key = autotune.decision_key(model)
     assert key["onnxruntime"] == onnx_runtime.version() and key["version"] == autotune.VERSION >= 2
+
+
+def test_koclip_info_names_onnxruntime_and_the_ort_choice(models, capsys):
+    from koclip import cli
+
+    model, _ = models["dual_clip_safetensors"]
+    timings = {"image": {"fp32": {1: 0.010, 8: 0.05}, "ort-int8": {1: 0.004, 8: 0.02}}}
+    autotune.write_plan(autotune.decision_path(model), autotune.Plan("ort-int8", "fp32", "measured", 2.0, timings),
+                        autotune.decision_key(model))
+    assert cli.main(["info", "--model", str(PARITY / "dual_clip_safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert f"onnxruntime {onnx_runtime.version()}" in out
+    assert "precision: image ort-int8, text fp32 (measured earlier on this CPU)" in out
+    assert "ort-int8 batch 1 4.0 ms, batch 8 20.0 ms; score 0.40" in out
