@@ -23,10 +23,12 @@ Modes:
               own dynamic quantisation, one activation scale per tensor, was 10% faster here but
               moved koclip-mini's text embeddings to cosine 0.945 of float32, against 0.986 per row.)
 
-The graph holds no weights: they are handed to the session as external initializers from the
-model's arrays (float32: the host buffers of the model's own arrays; int8: the codes, a quarter of
-the size), so exporting costs no serialised copy, only what the session keeps (ONNX Runtime packs
-each matmul's weights for its kernels).  Nothing is written to disk.
+The graph holds no weights: they are handed to the session as external initializers from host
+arrays (float32: the model's own arrays; int8: the codes, a quarter of the size), so there is no
+serialised copy; ONNX Runtime copies them in when the session is made and packs each matmul's
+weights for its kernels.  The float32 JAX model stays: a koclip-base served in ort-int8 holds
+about 1.3x its checkpoint, and peaks near 1.6x while a session is made (docs/memory.md).
+Nothing is written to disk.
 
 Sessions run with one intra-op thread per core available to this process, sequential execution and
 every graph optimisation; spinning worker threads are turned off, so a session on a shared machine
