@@ -4,8 +4,8 @@
     z = runner(input_ids, attention_mask)                      # (n, projection_dim), L2-normalised
     onnx_runtime.attach(model, "text", "ort-int8")             # model.encode_text now runs it
 
-`export(model, tower, mode)` writes the ONNX graph of one tower of a float32 KoCLIP from its own
-weights, its projection head, pooling and L2 normalisation included, so its output is what
+`export(model, tower, mode)` writes the ONNX graph of one tower of a KoCLIP (float32, or for
+"ort-int8" float32 or quantised to koclip's int8) from its own weights, its projection head, pooling and L2 normalisation included, so its output is what
 `model.encode_image` / `model.encode_text` return.  Supported towers: CLIP's vision transformer
 and Google's ViT (image), BERT and RoBERTa (text); `exportable(config, tower)` says which.  The
 batch axis is dynamic; token sequences come in the processor's length buckets.
@@ -26,8 +26,10 @@ Modes:
 The graph holds no weights: they are handed to the session as external initializers from host
 arrays (float32: the model's own arrays; int8: the codes, a quarter of the size), so there is no
 serialised copy; ONNX Runtime copies them in when the session is made and packs each matmul's
-weights for its kernels.  The float32 JAX model stays: a koclip-base served in ort-int8 holds
-about 1.3x its checkpoint, and peaks near 1.6x while a session is made (docs/memory.md).
+weights for its kernels.  `autotune.apply` quantises a tower to koclip's int8 in place before
+serving it in ort-int8, and `export` reads those codes as they are (the same ones it would make
+from the float32 kernels), so the tower is held as int8 codes twice, not as float32 beside them:
+a koclip-base load in ort-int8 peaks at 1.08x its checkpoint (docs/memory.md).
 Nothing is written to disk.
 
 Sessions run with one intra-op thread per core available to this process, sequential execution and
@@ -53,7 +55,7 @@ import numpy as np
 from koclip.buckets import BATCH_BUCKETS
 from koclip.errors import KoclipError
 from koclip.model import KoCLIP
-from koclip.quantize import _INV_QMAX, MIN_WEIGHTS, quantize_weights
+from koclip.quantize import _INV_QMAX, MIN_WEIGHTS, Int8Linear, PatchDense, quantize_weights
 from koclip.towers.conse import TextHead
 
 log = logging.getLogger(__name__)
@@ -146,28 +148,36 @@ class _Graph:
         product, rescaled by both scales.  The codes go in as uint8 q + 128 with zero point 128, so
         ONNX Runtime runs its u8 x s8 kernels (its s8 x s8 MatMulInteger was 17x slower here)."""
         kernel = np.asarray(kernel, np.float32)
-        b = None if bias is None else np.asarray(bias, np.float32)
         if self.mode == "ort-int8" and low_precision and kernel.size >= MIN_WEIGHTS:
-            q, scale = quantize_weights(kernel)
-            amax = self.op("ReduceMax", self.op("Abs", x), axes=[-1], keepdims=1)
-            s = self.op("Mul", amax, self.const(_INV_QMAX))
-            s = self.op("Where", self.op("Greater", s, self.const(np.float32(0))), s, self.const(np.float32(1)))
-            # |x * (1 / s)| <= 127 up to two float32 roundings, so the codes need no clipping.
-            codes = self.op("Add", self.op("Round", self.op("Mul", x, self.op("Reciprocal", s))),
-                            self.const(np.float32(128)))
-            acc = self.op("MatMulInteger", self.op("Cast", codes, to=self.TensorProto.UINT8), self.const(q, "w8"),
-                          self.const(np.uint8(128), "zero_point"))
-            # (acc * s) * scale, not acc * (s * scale): ONNX Runtime fuses the latter into MatMulIntegerToFloat,
-            # which takes one activation scale per tensor, not per row, and gave wrong results.
-            y = self.op("Mul", self.op("Mul", self.op("Cast", acc, to=self.TensorProto.FLOAT), s),
-                        self.const(scale, "scale"))
-            return y if b is None else self.op("Add", y, self.const(b, "b"))
+            return self.int8_linear(x, *quantize_weights(kernel), bias)
         y = self.op("MatMul", x, self.const(kernel, "w"))
+        return y if bias is None else self.op("Add", y, self.const(np.asarray(bias, np.float32), "b"))
+
+    def int8_linear(self, x: str, q, scale, bias=None) -> str:
+        """`linear`'s int8 arithmetic from a kernel's codes q (in, out) int8 and scale (out,)."""
+        b = None if bias is None else np.asarray(bias, np.float32)
+        amax = self.op("ReduceMax", self.op("Abs", x), axes=[-1], keepdims=1)
+        s = self.op("Mul", amax, self.const(_INV_QMAX))
+        s = self.op("Where", self.op("Greater", s, self.const(np.float32(0))), s, self.const(np.float32(1)))
+        # |x * (1 / s)| <= 127 up to two float32 roundings, so the codes need no clipping.
+        codes = self.op("Add", self.op("Round", self.op("Mul", x, self.op("Reciprocal", s))),
+                        self.const(np.float32(128)))
+        acc = self.op("MatMulInteger", self.op("Cast", codes, to=self.TensorProto.UINT8), self.const(q, "w8"),
+                      self.const(np.uint8(128), "zero_point"))
+        # (acc * s) * scale, not acc * (s * scale): ONNX Runtime fuses the latter into MatMulIntegerToFloat,
+        # which takes one activation scale per tensor, not per row, and gave wrong results.
+        y = self.op("Mul", self.op("Mul", self.op("Cast", acc, to=self.TensorProto.FLOAT), s),
+                    self.const(scale, "scale"))
         return y if b is None else self.op("Add", y, self.const(b, "b"))
 
     def dense(self, x: str, module) -> str:
-        """An nnx.Linear (or a bias-free projection)."""
+        """An nnx.Linear (or a bias-free projection), or koclip.quantize's Int8Linear (its codes as
+        they are: the tower was quantised in place, as `attach` does for "ort-int8")."""
         bias = None if module.bias is None else module.bias[...]
+        if isinstance(module, Int8Linear):
+            if self.mode != "ort-int8":
+                raise KoclipError(f"{self.mode} needs the float32 weights; this tower holds int8 codes")
+            return self.int8_linear(x, np.asarray(module.kernel[...]), np.asarray(module.scale[...], np.float32), bias)
         return self.linear(x, module.kernel[...], bias)
 
     def layer_norm(self, x: str, module) -> str:
@@ -254,8 +264,11 @@ def _image_graph(model: KoCLIP, g: _Graph):
         emb = tower.embeddings
         conv, cls = emb.patch_embeddings.projection, np.asarray(emb.cls_token[...], np.float32)
         pos = np.asarray(emb.position_embeddings[...], np.float32)
-    kernel = np.asarray(conv.kernel[...], np.float32)
-    x = g.linear(x, kernel.reshape(-1, kernel.shape[-1]), None if conv.bias is None else conv.bias[...])
+    if isinstance(conv, PatchDense):  # quantised in place: its matmul over the same patch rows
+        x = g.dense(x, conv.proj)
+    else:
+        kernel = np.asarray(conv.kernel[...], np.float32)
+        x = g.linear(x, kernel.reshape(-1, kernel.shape[-1]), None if conv.bias is None else conv.bias[...])
     # The class token, one per row: broadcast to (n, 1, h) by the batch size of x.
     n = g.op("Slice", g.op("Shape", x), g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64)))
     shape = g.op("Concat", n, g.const(np.array([1, hdim], np.int64)), axis=0)
