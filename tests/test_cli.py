@@ -12,14 +12,6 @@ from numerics import reduction_rtol
 COFFEE = gallery_dir() / "coffee.jpg"
 
 
-@pytest.fixture(scope="module")
-def mini():
-    try:
-        return koclip.load("koclip-mini")
-    except Exception as e:  # noqa: BLE001 - any failure means the model is not available here
-        pytest.skip(f"koclip-mini does not load here ({type(e).__name__}: {e})")
-
-
 @pytest.fixture
 def loads(mini, monkeypatch):
     """koclip.load replaced by one returning the module's koclip-mini; returns the names asked for."""

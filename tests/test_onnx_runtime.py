@@ -27,11 +27,11 @@ from koclip.config import TINY, VisionConfig  # noqa: E402
 from koclip.errors import ConfigError, KoclipError  # noqa: E402
 from koclip.quantize import quantize, quantize_weights  # noqa: E402
 from numerics import U32, reduction_rtol  # noqa: E402
+from test_quantize import agreement  # noqa: E402 - the gates' zero-shot agreement, as test_quantize defines it
 
 PARITY = Path(__file__).resolve().parent / "fixtures" / "parity"
 COSINE_GATE = 0.995
 AGREEMENT_GATE = 0.99
-TIE = 1e-3
 KO = [ko for ko, _ in data.ZEROSHOT_LABELS]
 EN = [en for _, en in data.ZEROSHOT_LABELS]
 # The tiny checkpoints: CLIP (quick_gelu) and ViT (gelu) image towers, both with RoBERTa text towers.
@@ -194,20 +194,6 @@ def test_int8_export_keeps_the_cosine_gate_on_the_tiny_checkpoints(models, photo
         z = np.asarray(onnx_runtime.session(model, tower, "ort-int8")(*args))
         cos = rows_cosine(z, ref)
         assert cos.min() >= COSINE_GATE, f"{name} {tower}: worst cosine {cos.min():.5f} at row {cos.argmin()}"
-
-
-@pytest.fixture(scope="module")
-def mini():
-    try:
-        return koclip.load("koclip-mini")
-    except Exception as e:  # noqa: BLE001 - its own tests cover loading
-        pytest.skip(f"koclip-mini is not loadable: {type(e).__name__}: {e}")
-
-
-def agreement(s0, s):
-    top2 = np.sort(s0, axis=-1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] >= TIE
-    return np.mean(s0.argmax(-1)[clear] == s.argmax(-1)[clear])
 
 
 @pytest.mark.slow

@@ -258,14 +258,6 @@ def test_every_embedding_keeps_cosine_gate_on_the_tiny_checkpoint(parity_embeddi
 
 # ---------------------------------------------------------------- quality gates, real weights
 
-@pytest.fixture(scope="module")
-def mini():
-    try:
-        return koclip.load("koclip-mini")
-    except Exception as e:  # noqa: BLE001 - still being built by another engineer; its own tests cover loading
-        pytest.skip(f"koclip-mini is not loadable yet: {type(e).__name__}: {e}")
-
-
 def agreement(s0, s):
     """Share of rows whose top-1 in `s` matches `s0`'s, over rows whose `s0` top-1 is no tie."""
     top2 = np.sort(s0, axis=-1)[:, -2:]
