@@ -180,6 +180,35 @@ class _Graph:
             return self.int8_linear(x, np.asarray(module.kernel[...]), np.asarray(module.scale[...], np.float32), bias)
         return self.linear(x, module.kernel[...], bias)
 
+    def dense_all(self, x: str, modules) -> list[str]:
+        """`dense(x, m)` for each of `modules` (the query, key and value projections of one input) as
+        one product: their kernels side by side, then split.  Each output column is computed as
+        alone (int8: the same column codes and scales, x quantised once instead of once each), so
+        what changes is only the number of operations: one activation quantisation, one matmul."""
+        kinds = {type(m) for m in modules}
+        if len(kinds) != 1 or any(m.bias is None for m in modules) or not (
+                kinds <= {Int8Linear} or all(hasattr(m, "kernel") and m.kernel[...].ndim == 2 for m in modules)):
+            return [self.dense(x, m) for m in modules]
+        widths = [int(m.kernel[...].shape[1]) for m in modules]
+        bias = np.concatenate([np.asarray(m.bias[...], np.float32) for m in modules])
+        if kinds == {Int8Linear}:
+            if self.mode != "ort-int8":
+                raise KoclipError(f"{self.mode} needs the float32 weights; this tower holds int8 codes")
+            q = np.concatenate([np.asarray(m.kernel[...]) for m in modules], axis=1)
+            scale = np.concatenate([np.asarray(m.scale[...], np.float32) for m in modules])
+            y = self.int8_linear(x, q, scale, bias)
+        elif self.mode == "ort-int8" and all(m.kernel[...].size >= MIN_WEIGHTS for m in modules):
+            # quantize_weights is per column: the codes of the side-by-side kernel are each one's.
+            parts = [quantize_weights(np.asarray(m.kernel[...], np.float32)) for m in modules]
+            y = self.int8_linear(x, np.concatenate([p[0] for p in parts], axis=1),
+                                 np.concatenate([p[1] for p in parts]), bias)
+        elif self.mode == "ort-int8" and any(m.kernel[...].size >= MIN_WEIGHTS for m in modules):
+            return [self.dense(x, m) for m in modules]
+        else:
+            kernel = np.concatenate([np.asarray(m.kernel[...], np.float32) for m in modules], axis=1)
+            y = self.linear(x, kernel, bias, low_precision=False)
+        return self.op("Split", y, self.const(np.array(widths, np.int64), "widths"), axis=-1, outputs=len(modules))
+
     def layer_norm(self, x: str, module) -> str:
         n = module.num_features
         scale = np.ones(n, np.float32) if module.scale is None else np.asarray(module.scale[...], np.float32)
@@ -279,7 +308,7 @@ def _image_graph(model: KoCLIP, g: _Graph):
         for layer in tower.encoder.layers:
             a = layer.self_attn
             y = g.layer_norm(x, layer.layer_norm1)
-            y = g.attention(g.dense(y, a.q_proj), g.dense(y, a.k_proj), g.dense(y, a.v_proj), None,
+            y = g.attention(*g.dense_all(y, (a.q_proj, a.k_proj, a.v_proj)), None,
                             a.num_heads, hdim)
             x = g.op("Add", x, g.dense(y, a.out_proj))
             y = g.layer_norm(x, layer.layer_norm2)
@@ -290,7 +319,7 @@ def _image_graph(model: KoCLIP, g: _Graph):
         for layer in tower.encoder.layer:
             a = layer.attention.attention
             y = g.layer_norm(x, layer.layernorm_before)
-            y = g.attention(g.dense(y, a.query), g.dense(y, a.key), g.dense(y, a.value), None, a.num_heads, hdim)
+            y = g.attention(*g.dense_all(y, (a.query, a.key, a.value)), None, a.num_heads, hdim)
             x = g.op("Add", x, g.dense(y, layer.attention.output.dense))
             y = g.layer_norm(x, layer.layernorm_after)
             y = g.dense(g.activation(g.dense(y, layer.intermediate.dense), cfg.hidden_act), layer.output.dense)
@@ -328,7 +357,7 @@ def _text_graph(model: KoCLIP, g: _Graph):
     bias = g.op("Where", keep, g.const(np.array(0.0, np.float32)), g.const(np.array(np.finfo(np.float32).min)))
     for layer in tower.encoder.layer:
         a = layer.attention.self
-        y = g.attention(g.dense(x, a.query), g.dense(x, a.key), g.dense(x, a.value), bias, a.num_heads, hdim)
+        y = g.attention(*g.dense_all(x, (a.query, a.key, a.value)), bias, a.num_heads, hdim)
         out = layer.attention.output
         x = g.layer_norm(g.op("Add", g.dense(y, out.dense), x), out.LayerNorm)
         y = g.activation(g.dense(x, layer.intermediate.dense), cfg.hidden_act)

@@ -158,6 +158,28 @@ def test_an_int8_export_of_a_tower_quantised_in_place_is_the_one_of_its_float32_
         onnx_runtime.export(q, "text", "ort-fp32")
 
 
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_query_key_and_value_as_one_int8_product_change_no_bit(models, photos, name, monkeypatch):
+    model, processor = models[name]
+    pixels = processor(images=photos[:4])["pixel_values"]
+    batch = tokens(processor)
+    q = quantize(model, "int8")  # int8 codes in every layer, as apply leaves a served tower
+
+    def run(m):
+        return (np.asarray(onnx_runtime.session(m, "image", "ort-int8")(pixels)),
+                np.asarray(onnx_runtime.session(m, "text", "ort-int8")(batch["input_ids"], batch["attention_mask"])))
+
+    def products():
+        proto, _ = onnx_runtime.export(q, "text", "ort-int8")
+        return sum(n.op_type == "MatMulInteger" for n in proto.graph.node)
+
+    merged, merged_products = run(q), products()
+    monkeypatch.setattr(onnx_runtime._Graph, "dense_all", lambda g, x, ms: [g.dense(x, m) for m in ms])
+    assert products() - merged_products == 2 * model.config.text.num_hidden_layers  # 3 products a layer -> 1
+    for a, b in zip(merged, run(q)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_an_int8_layer_computes_koclips_int8_arithmetic():
     """The same codes (weights per column, activations per row) and an exact integer product: what is
     left is the rescale, two float32 products on each side (in another order), and the bias: each side
