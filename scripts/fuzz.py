@@ -115,16 +115,21 @@ def _index_pack(flags: int, meta: bytes, first: bytes, second: bytes) -> bytes:
     return bytes([flags]) + struct.pack("<HH", len(meta), len(first)) + meta + first + second
 
 
-def _parquet_footer_crc32(blob: bytes) -> str:
-    """What format 2's meta.json records as a segment's footer_crc32 (segments._footer_crc32): the
-    crc32 of the footer, its length and the closing magic; of the whole blob when it has no footer."""
-    n = int.from_bytes(blob[-8:-4], "little") if len(blob) >= 12 and blob.endswith(b"PAR1") else -1
-    tail = blob[-(n + 8):] if 0 <= n and n + 12 <= len(blob) else blob
-    return f"{zlib.crc32(tail):08x}"
+def _parquet_footer_crc32(path: Path) -> str:
+    """What format 2's meta.json records as the segment at `path`'s footer_crc32 (the reader's own
+    segments._footer_crc32); of the whole file when it has no footer to check (the reader refuses it
+    before comparing)."""
+    from koclip.index.segments import _footer_crc32
+
+    try:
+        return _footer_crc32(path)
+    except ValueError:
+        return f"{zlib.crc32(path.read_bytes()):08x}"
 
 
-def _forge_meta(m: dict, format_1: bool, first: bytes, second: bytes) -> None:
-    """Point `m`'s file entries at the two data files with their true sizes and checksums."""
+def _forge_meta(m: dict, format_1: bool, first: bytes, second: bytes, directory: Path | None = None) -> None:
+    """Point `m`'s file entries at the two data files (format 2: written in `directory`) with their
+    true sizes and checksums."""
     if format_1:
         if isinstance(m.get("files"), dict):
             for key, name, blob in zip(("items", "vectors"), _INDEX_NAMES[True], (first, second)):
@@ -132,7 +137,8 @@ def _forge_meta(m: dict, format_1: bool, first: bytes, second: bytes) -> None:
         return
     segments, deletions = m.get("segments"), m.get("deletions")
     if isinstance(segments, list) and segments and isinstance(segments[0], dict):
-        segments[0].update(name=_INDEX_NAMES[False][0], bytes=len(first), footer_crc32=_parquet_footer_crc32(first))
+        segments[0].update(name=_INDEX_NAMES[False][0], bytes=len(first),
+                           footer_crc32=_parquet_footer_crc32(directory / _INDEX_NAMES[False][0]))
     if isinstance(deletions, list) and deletions and isinstance(deletions[0], dict):
         deletions[0].update(name=_INDEX_NAMES[False][1], bytes=len(second), crc32=f"{zlib.crc32(second):08x}")
 
@@ -160,7 +166,7 @@ def _unpack_index(data: bytes, directory: Path) -> None:
         try:
             m = json.loads(meta)
             if isinstance(m, dict):
-                _forge_meta(m, format_1, first, second)
+                _forge_meta(m, format_1, first, second, directory)
                 meta = json.dumps(m).encode()
         except (ValueError, RecursionError):
             pass
