@@ -429,7 +429,6 @@ def measure(arch: str, model, args, peaks: dict, workdir: Path) -> list[dict]:
     jax_models = {m: (model if m == "fp32" else quantize(model, m)) for m in args.modes if m in JAX_MODES}
     # koclip's default: precision="auto", measured now for this model on this machine (not read back).
     plan = autotune.measure(model)
-    onnx_runtime.release(model)  # the sessions its checks kept: each tower's are built below, in turn
     print(f"\n{arch}: precision='auto' measured: " + "\n  ".join(plan.details()), flush=True)
     for tower in autotune.TOWERS:
         mode = plan.mode(tower)

@@ -243,7 +243,6 @@ def apply(model: KoCLIP, plan: Plan) -> KoCLIP:
                      exclude=TOWER_PATHS[_OTHER[tower]], copy=False)
     for tower, mode in ort.items():
         onnx_runtime.attach(model, tower, mode)
-    onnx_runtime.release(model)
     return model
 
 
@@ -281,8 +280,6 @@ def measure(model: KoCLIP, *, timer: Timer | None = None) -> Plan:
     if "fp32" not in choice.values() and not gates.pair(choice["image"], choice["text"]):
         weaker = max(TOWERS, key=lambda t: _score(timings[t], choice[t]))
         choice[weaker] = "fp32"
-    # The sessions the checks built for the winners are kept to serve them (apply); the rest go.
-    onnx_runtime.release(model, {(t, m) for t, m in choice.items() if m in ORT_CANDIDATES})
     return Plan(choice["image"], choice["text"], "measured", time.perf_counter() - t0, timings, gates.quality)
 
 
@@ -443,9 +440,7 @@ class _Gates:
             mode = "int8"
         if mode in ORT_CANDIDATES:
             runner = onnx_runtime.session(self.model, tower, mode)
-            z = runner(pixels) if tower == "image" else runner(ids, mask)
-            onnx_runtime.keep(self.model, runner)  # to serve the tower if it wins; released if not
-            return np.asarray(z)
+            return np.asarray(runner(pixels) if tower == "image" else runner(ids, mask))
         m = self.model if mode == "fp32" else simulate(self.model, mode, exclude=TOWER_PATHS[_OTHER[tower]])
         z = _image_embeddings(m, pixels) if tower == "image" else _text_embeddings(m, ids, mask)
         del m
@@ -476,8 +471,6 @@ class _Gates:
         agree = agreement(ref["image"] @ ref["text"].T, zimg @ ztxt.T)
         passed = cosine >= COSINE_GATE and agree >= AGREEMENT_GATE
         self.quality[tower][mode] = {"cosine": cosine, "agreement": agree, "passed": passed}
-        if not passed:
-            onnx_runtime.drop(self.model, tower, mode)
         trim_heap()  # the compile's and the run's scratch memory
         return passed
 

@@ -47,7 +47,6 @@ import functools
 import importlib.util
 import logging
 import os
-import weakref
 
 import jax.numpy as jnp
 import numpy as np
@@ -462,43 +461,17 @@ class OrtTower:
 
 
 def session(model: KoCLIP, tower: str, mode: str, *, n_threads: int | None = None) -> OrtTower:
-    """`tower` of float32 `model` exported in `mode` and loaded in an ONNX Runtime session (the one
-    `keep` holds for this model, if any)."""
+    """`tower` of `model` exported in `mode` (see `export`) and loaded in an ONNX Runtime session."""
     _check(model, tower, mode)
-    kept = _KEPT.get(model, {}).get((tower, mode))
-    if kept is not None and n_threads is None:
-        return kept
     proto, external = export(model, tower, mode)
     return OrtTower(proto, external, tower, mode, n_threads)
 
 
-# Sessions built while measuring (the quality check runs the whole tower) and kept for `attach`,
-# so a model's first load builds each chosen session once.
-_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def keep(model: KoCLIP, runner: OrtTower) -> None:
-    """Holds `runner` (a session of `model`'s) for a later `session`/`attach` of the same tower and mode."""
-    _KEPT.setdefault(model, {})[runner.tower, runner.mode] = runner
-
-
-def drop(model: KoCLIP, tower: str, mode: str) -> None:
-    """Forgets the kept session of `model`'s `tower` in `mode`, if any."""
-    _KEPT.get(model, {}).pop((tower, mode), None)
-
-
-def release(model: KoCLIP, keep_only=frozenset()) -> None:
-    """Forgets the kept sessions of `model` except those whose (tower, mode) is in `keep_only`."""
-    for key in [k for k in _KEPT.get(model, {}) if k not in keep_only]:
-        drop(model, *key)
-
-
 def attach(model: KoCLIP, tower: str, mode: str) -> KoCLIP:
     """Makes `model.encode_image` (tower "image") or `model.encode_text` ("text") run `tower` through
-    an ONNX Runtime session of `mode` (the kept one, if any); the JAX path stays (training,
-    image_features / text_features).  Returns `model`."""
+    an ONNX Runtime session of `mode`; the JAX path stays (training, image_features /
+    text_features).  Returns `model`."""
     model.serve(tower, session(model, tower, mode))
-    drop(model, tower, mode)  # the model holds it now
     return model
 
 

@@ -322,7 +322,21 @@ def test_an_ort_koclip_precision_without_onnxruntime_says_how_to_install_it(monk
 
 # ---------------------------------------------------------------- chosen by measurement
 
-def test_auto_picks_ort_int8_where_it_is_fastest_and_serves_it_from_int8_codes(models):
+@pytest.fixture
+def sessions_built(monkeypatch):
+    """How many ONNX Runtime sessions of whole towers are built (a list of their (tower, mode))."""
+    built = []
+    init = onnx_runtime.OrtTower.__init__
+
+    def counted(self, proto, external, tower, mode, n_threads=None):
+        built.append((tower, mode))
+        init(self, proto, external, tower, mode, n_threads)
+
+    monkeypatch.setattr(onnx_runtime.OrtTower, "__init__", counted)
+    return built
+
+
+def test_auto_picks_ort_int8_where_it_is_fastest_and_serves_it_from_int8_codes(models, sessions_built):
     model, processor = models["dual_clip_safetensors"]
     m = quantize(model, "fp32")
     ms = {"image": {"fp32": 10, "bf16": 8, "int8": 7, "ort-int8": 4},
@@ -337,8 +351,9 @@ def test_auto_picks_ort_int8_where_it_is_fastest_and_serves_it_from_int8_codes(m
     assert "ort-fp32" not in asked  # only when asked for (AUTO_ORT)
     assert (plan.image, plan.text, plan.source) == ("ort-int8", "bf16", "measured")
     assert plan.quality["image"]["ort-int8"]["passed"]
-    assert not onnx_runtime._KEPT.get(m)  # checked as int8: no session built while measuring
+    assert sessions_built == []  # checked as int8: no session built while measuring
     autotune.apply(m, plan)
+    assert sessions_built == [("image", "ort-int8")]
     assert m.served_by("image").mode == "ort-int8" and m.served_by("text") is None
     assert koclip.precision_of(m) != "fp32"  # the JAX towers are quantised: the image one holds the codes
     assert "ort-int8 batch 1 4.0 ms" in "\n".join(plan.details())
@@ -349,7 +364,7 @@ def test_auto_picks_ort_int8_where_it_is_fastest_and_serves_it_from_int8_codes(m
     assert fast.served_by("image").mode == "ort-int8" and fast.served_by("text") is None
 
 
-def test_an_ort_mode_that_fails_the_gates_loses_and_its_session_goes(models, monkeypatch):
+def test_an_ort_mode_that_fails_the_gates_loses_and_no_session_is_built(models, monkeypatch, sessions_built):
     model, _ = models["dual_clip_safetensors"]
     m = quantize(model, "fp32")
     embed = autotune._Gates._embed
@@ -363,7 +378,7 @@ def test_an_ort_mode_that_fails_the_gates_loses_and_its_session_goes(models, mon
     plan = autotune.measure(m, timer=lambda tower, mode, batch: ms[mode] / 1e3)
     assert (plan.image, plan.text) == ("bf16", "bf16")
     assert not plan.quality["image"]["ort-int8"]["passed"]
-    assert not onnx_runtime._KEPT.get(m)
+    assert sessions_built == []
 
 
 def test_the_decision_key_names_onnxruntimes_version(models):
