@@ -159,7 +159,7 @@ def test_an_int8_export_of_a_tower_quantised_in_place_is_the_one_of_its_float32_
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
-def test_query_key_and_value_as_one_int8_product_change_no_bit(models, photos, name, monkeypatch):
+def test_query_key_and_value_from_one_activation_quantisation_change_no_bit(models, photos, name, monkeypatch):
     model, processor = models[name]
     pixels = processor(images=photos[:4])["pixel_values"]
     batch = tokens(processor)
@@ -169,21 +169,23 @@ def test_query_key_and_value_as_one_int8_product_change_no_bit(models, photos, n
         return (np.asarray(onnx_runtime.session(m, "image", "ort-int8")(pixels)),
                 np.asarray(onnx_runtime.session(m, "text", "ort-int8")(batch["input_ids"], batch["attention_mask"])))
 
-    def products():
+    def quantisations():
         proto, _ = onnx_runtime.export(q, "text", "ort-int8")
-        return sum(n.op_type == "MatMulInteger" for n in proto.graph.node)
+        return sum(n.op_type == "QuantizeLinear" for n in proto.graph.node)
 
-    merged, merged_products = run(q), products()
-    monkeypatch.setattr(onnx_runtime._Graph, "dense_all", lambda g, x, ms: [g.dense(x, m) for m in ms])
-    assert products() - merged_products == 2 * model.config.text.num_hidden_layers  # 3 products a layer -> 1
-    for a, b in zip(merged, run(q)):
+    shared, shared_quantisations = run(q), quantisations()
+    monkeypatch.setattr(onnx_runtime._Graph, "dense_all", lambda g, x, ms, rows=None: [g.dense(x, m, rows) for m in ms])
+    assert quantisations() - shared_quantisations == 2 * model.config.text.num_hidden_layers  # 3 a layer -> 1
+    for a, b in zip(shared, run(q)):
         np.testing.assert_array_equal(a, b)
 
 
 def test_an_int8_layer_computes_koclips_int8_arithmetic():
     """The same codes (weights per column, activations per row) and an exact integer product: what is
     left is the rescale, two float32 products on each side (in another order), and the bias: each side
-    within 3 roundings of the exact value, relative to |product| + |bias|."""
+    within 3 roundings of the exact value, relative to |product| + |bias|.  (ONNX Runtime rounds x / s
+    where koclip rounds x * (1 / s): a code one step apart where the two fall on either side of a
+    half, about one activation in a million; none in this input, which the test checks first.)"""
     import jax.numpy as jnp
 
     from koclip.quantize import int8_matmul
@@ -193,11 +195,14 @@ def test_an_int8_layer_computes_koclips_int8_arithmetic():
     kernel = rng.standard_normal((k, n)).astype(np.float32)
     bias = np.linspace(-1, 1, n, dtype=np.float32)
     x = (rng.standard_normal((35, k)) * np.geomspace(1e-3, 1e3, 35)[:, None]).astype(np.float32)
-    x[0] = 0  # an all-zero row: scale 1, codes 0
+    x[0] = 0  # an all-zero row: codes 0
+    s = np.abs(x).max(axis=1, keepdims=True) * np.float32(1 / 127)
+    s[0] = 1
+    assert np.array_equal(np.round(x / s), np.round(x * (np.float32(1) / s)))
     g = onnx_runtime._Graph("ort-int8")
     y = g.linear("x", kernel, bias)
     proto = g.model([g.helper.make_tensor_value_info("x", g.TensorProto.FLOAT, ["batch", k])], y, n, "linear")
-    assert {node.op_type for node in proto.graph.node} >= {"MatMulInteger"}
+    assert {node.op_type for node in proto.graph.node} >= {"QuantizeLinear", "MatMulIntegerToFloat"}
     got = onnx_runtime.inference_session(proto, g.external).run(None, {"x": x})[0]
     q, scale = quantize_weights(kernel)
     want = np.asarray(int8_matmul(jnp.asarray(x), jnp.asarray(q), jnp.asarray(scale), jnp.asarray(bias)))
@@ -236,10 +241,16 @@ def test_on_koclip_minis_real_text_tower_ort_fp32_keeps_the_gates(mini, photos):
 
 @pytest.mark.slow
 def test_on_koclip_minis_real_text_tower_ort_int8_scores_the_gates_as_koclips_int8(mini):
-    """autotune checks ort-int8 as koclip's int8 (the same codes and arithmetic, float32 rounding
-    apart): on real weights a real ort-int8 session's gate figures are int8's, to well inside the
-    gates' own margins (koclip-mini's text tower fails the cosine gate either way, at 0.9936 when
-    measured); fp32's export passes."""
+    """autotune checks ort-int8 as koclip's int8: the same codes and arithmetic, float32 rounding
+    apart.  On real weights the rounding apart is not nothing: now and then a token's activation code
+    lands one step away, the step moves the next layer's inputs, and the difference grows from layer
+    to layer.  On koclip-mini's text tower a row comes out either identical to koclip's int8 or about
+    as far from it (cosine ~0.996, measured) as int8 is from float32, so the two are two draws of the
+    same rounding noise.  What holds, and is checked: the real session's smallest cosine to float32 is
+    int8's to a tenth of the gate's margin, and its zero-shot agreement is int8's to two images (an
+    image whose two best labels are close may swap in one draw and not in the other: one of 34 did
+    in one measurement, none in another).  koclip-mini's text tower fails the cosine gate either way
+    (0.9936); fp32's export passes."""
     gates = autotune._Gates(mini[0])
     assert gates.check("text", "ort-fp32"), gates.quality
     int8 = gates.check("text", "int8")
@@ -248,13 +259,33 @@ def test_on_koclip_minis_real_text_tower_ort_int8_scores_the_gates_as_koclips_in
     real = np.asarray(onnx_runtime.session(mini[0], "text", "ort-int8")(ids, mask))
     ref = gates.ref()
     cosine = float(rows_cosine(real, ref["text"]).min())
-    # A tenth of the gap between a perfect cosine and the gate, and one label in a hundred's agreement.
     assert abs(cosine - gates.quality["text"]["int8"]["cosine"]) <= (1 - COSINE_GATE) / 10
-    assert abs(agreement(ref["image"] @ ref["text"].T, ref["image"] @ real.T)
-               - gates.quality["text"]["int8"]["agreement"]) <= 0.01
+    s0 = ref["image"] @ ref["text"].T
+    top2 = np.sort(s0, axis=-1)[:, -2:]
+    one_image = 1 / int(np.sum(top2[:, 1] - top2[:, 0] >= autotune.TIE))
+    assert abs(agreement(s0, ref["image"] @ real.T) - gates.quality["text"]["int8"]["agreement"]) <= 2 * one_image + 1e-9
 
 
 # ---------------------------------------------------------------- serving
+
+def test_a_session_stops_its_threads_spinning_when_a_run_ends():
+    """Worker threads spin during a run and stop at its end (SESSION_CONFIG): between calls a
+    session takes no CPU.  Without the stop, ONNX Runtime's two threads here kept spinning for
+    about 44 ms of CPU in the half second after a run."""
+    import time
+
+    rng = np.random.default_rng(0)
+    g = onnx_runtime._Graph("ort-int8")
+    y = g.linear("x", rng.standard_normal((256, 256)).astype(np.float32))
+    proto = g.model([g.helper.make_tensor_value_info("x", g.TensorProto.FLOAT, ["batch", 256])], y, 256, "linear")
+    session = onnx_runtime.inference_session(proto, g.external, n_threads=2)
+    x = rng.standard_normal((512, 256)).astype(np.float32)
+    for _ in range(3):
+        session.run(None, {"x": x})
+    before = time.process_time()
+    time.sleep(0.5)
+    assert time.process_time() - before < 0.01
+
 
 def test_attach_serves_encode_through_the_session_and_keeps_jax_for_features(models):
     model, processor = models["dual_clip_safetensors"]
