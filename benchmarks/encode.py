@@ -28,10 +28,12 @@ It prints the CPU model and flags, and the peak of one large matmul
 beside every side's speed it shows the GFLOP/s it reaches on the model (FLOP per item from
 XLA's cost analysis of the fp32 model, 2 per multiply-add) and that as a share of its own
 runtime's matmul peak in its precision.  The machine is shared, so every side runs once per
-round, in turn, and the table shows the best round (least disturbed) with the median beside
-it; ratios compare best rounds.  It also shows process CPU seconds per call, and ratios by
-them: wall ratios on a busy machine also measure how each runtime's threads cope when another
-job takes a core, while CPU seconds (the work done) move much less with the load.  The last
+round, in turn (each timed call right after an untimed one of the same side, so that no side
+is timed while another runtime's threads still spin), and the table shows the best round (least
+disturbed) with the median beside it; ratios compare best rounds.  It also shows process CPU
+seconds per call, and ratios by them: wall ratios on a busy machine also measure how each
+runtime's threads cope when another job takes a core, while CPU seconds (the work done) move
+much less with the load.  The last
 lines say, per tower, koclip's default against the best peer at each batch.
 
 Threads: PyTorch runs with torch.set_num_threads(os.cpu_count()) and with one thread (its per-op
@@ -43,6 +45,8 @@ Needs requirements-bench.txt (torch, onnx, onnxruntime, openvino): `make bench`.
     python benchmarks/encode.py             # full run
     python benchmarks/encode.py --quick     # fewer rounds, smaller throughput batch
     python benchmarks/encode.py --peers torch          # PyTorch only
+    python benchmarks/encode.py --peers ort --modes ort-int8   # koclip's default against ONNX
+                                            # Runtime alone (PyTorch only exports the encoder)
     python benchmarks/encode.py --startup   # fresh process -> first embedding, with and
                                             # without the persistent compilation cache
 """
@@ -69,7 +73,13 @@ KOCLIP_MODES = JAX_MODES + ("ort-fp32", "ort-int8")
 # ---------------------------------------------------------------- timing
 
 def race(sides: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Calls every side once per round, in turn, after one warm-up call each.
+    """Calls every side in turn, round by round, after one warm-up call each; in every round a
+    side's timed call comes right after an untimed one of its own.
+
+    The untimed call takes the place of the previous side's: runtimes whose worker threads spin
+    on after a call (PyTorch's OpenMP, ONNX Runtime by default, OpenVINO) would otherwise hold
+    the cores during the next side's timed call, a cost no user of one runtime pays.  Each side
+    is timed as it runs in a loop of its own calls.
 
     Returns (wall seconds, process CPU seconds) per call, by side.  CPU seconds
     count the work a side did on all its threads; unlike wall time they barely
@@ -81,6 +91,7 @@ def race(sides: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, li
     cpu: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(rounds):
         for k, f in sides.items():
+            f()
             c, t = time.process_time(), time.perf_counter()
             f()
             wall[k].append(time.perf_counter() - t)
@@ -469,7 +480,7 @@ def measure(arch: str, model, args, peaks: dict, workdir: Path) -> list[dict]:
                 sides[f"koclip {name}"] = call
             tp = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
             ti, tm = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
-            for name, enc in torch_models.items():
+            for name, enc in (torch_models if args.race_torch else {}).items():
                 if kind == "image":
                     sides[name] = (lambda enc: lambda: enc(pixel_values=tp))(enc)
                 else:
@@ -693,11 +704,14 @@ def main() -> None:
                     help="'base' (a random koclip-base checkpoint) or a name/dir for koclip.load")
     ap.add_argument("--precision", default="auto", help="precision for --startup")
     ap.add_argument("--peers", default="torch,ort,openvino",
-                    help="comma-separated peers to race: torch, ort (ONNX Runtime fp32 + int8), openvino")
+                    help="comma-separated peers to race: torch, ort (ONNX Runtime fp32 + int8), openvino; "
+                         "without torch, PyTorch only exports the encoder the others run (no spinning "
+                         "OpenMP threads of its own in the race)")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.latency_rounds, args.batch = 2, 5, 8
     args.modes = tuple(args.modes.split(","))
+    args.race_torch = "torch" in args.peers.split(",")
     args.peer_set = set(args.peers.split(",")) | {"torch"}
 
     import jax
