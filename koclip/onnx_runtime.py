@@ -135,10 +135,10 @@ class _Graph:
             self.initializers.append(self.numpy_helper.from_array(np.asarray(a, order="C"), name))
         return name
 
-    def op(self, op_type: str, *inputs: str, domain: str = "", outputs: int = 1, **attrs):
-        outs = [self.name(op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(self.helper.make_node(op_type, list(inputs), outs, domain=domain or None, **attrs))
-        return outs[0] if outputs == 1 else outs
+    def op(self, op_type: str, *inputs: str, domain: str = "", **attrs) -> str:
+        out = self.name(op_type.lower())
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), [out], domain=domain or None, **attrs))
+        return out
 
     # -- layers
 
@@ -148,14 +148,28 @@ class _Graph:
         (`koclip.quantize.int8_matmul`; see `int8_products`) for x (rows, k): x quantised per row,
         the kernel per column (`quantize_weights`), an integer product rescaled by both scales."""
         kernel = np.asarray(kernel, np.float32)
-        if self.mode == "ort-int8" and low_precision and kernel.size >= MIN_WEIGHTS:
-            return self.int8_linear(x, *quantize_weights(kernel), bias, rows)
+        if self._in_int8(kernel) and low_precision:
+            return self.int8_products(x, [(*quantize_weights(kernel), bias)], rows)[0]
         y = self.op("MatMul", x, self.const(kernel, "w"))
         return y if bias is None else self.op("Add", y, self.const(np.asarray(bias, np.float32), "b"))
 
-    def int8_linear(self, x: str, q, scale, bias=None, rows: str | None = None) -> str:
-        """`linear`'s int8 arithmetic for x (rows, k) from a kernel's codes q (k, n) int8 and scale (n,)."""
-        return self.int8_products(x, [(q, scale, bias)], rows)[0]
+    def _in_int8(self, kernel) -> bool:
+        """Whether a float32 kernel runs as int8 codes here: in ort-int8, where koclip.quantize would
+        replace its layer."""
+        return self.mode == "ort-int8" and kernel.size >= MIN_WEIGHTS
+
+    def _int8_layer(self, module):
+        """(codes (k, n) int8, column scales (n,), bias or None) of an nnx.Linear (or a bias-free
+        projection) that runs in int8 here, or of koclip.quantize's Int8Linear (its codes as they
+        are: the tower was quantised in place, as `attach` does for "ort-int8"); None for one that
+        stays float32."""
+        bias = None if module.bias is None else np.asarray(module.bias[...], np.float32)
+        if isinstance(module, Int8Linear):
+            if self.mode != "ort-int8":
+                raise KoclipError(f"{self.mode} needs the float32 weights; this tower holds int8 codes")
+            return np.asarray(module.kernel[...]), np.asarray(module.scale[...], np.float32), bias
+        kernel = np.asarray(module.kernel[...], np.float32)
+        return (*quantize_weights(kernel), bias) if self._in_int8(kernel) else None
 
     def token_rows(self, x: str) -> str | None:
         """In ort-int8, `zero_points(x)` for a tower's hidden states x (tokens, hidden); else None."""
@@ -167,7 +181,12 @@ class _Graph:
         zero point per scale)."""
         n = self.op("Slice", self.op("Shape", x), self.const(np.array([0], np.int64)),
                     self.const(np.array([1], np.int64)))
-        return self.op("Expand", self.const(np.uint8(128), "zero_point"), n)
+        return self.op("Expand", self.zero_point, n)
+
+    @functools.cached_property
+    def zero_point(self) -> str:
+        """The activation codes' zero point, 128 as uint8: one constant for the whole graph."""
+        return self.const(np.uint8(128), "zero_point")
 
     def int8_products(self, x: str, layers, rows: str | None = None) -> list[str]:
         """x (rows, k) quantised once per row, then one integer product for each (q, scale, bias) of
@@ -191,38 +210,24 @@ class _Graph:
         outs = []
         for q, scale, bias in layers:
             y = self.op("MatMulIntegerToFloat", codes, self.const(q, "w8"), s,
-                        self.const(np.asarray(scale, np.float32), "scale"), self.const(np.uint8(128), "zero_point"),
+                        self.const(np.asarray(scale, np.float32), "scale"), self.zero_point,
                         domain="com.microsoft")
             outs.append(y if bias is None else self.op("Add", y, self.const(np.asarray(bias, np.float32), "b")))
         return outs
 
     def dense(self, x: str, module, rows: str | None = None) -> str:
-        """An nnx.Linear (or a bias-free projection), or koclip.quantize's Int8Linear (its codes as
-        they are: the tower was quantised in place, as `attach` does for "ort-int8")."""
-        bias = None if module.bias is None else module.bias[...]
-        if isinstance(module, Int8Linear):
-            if self.mode != "ort-int8":
-                raise KoclipError(f"{self.mode} needs the float32 weights; this tower holds int8 codes")
-            return self.int8_linear(x, np.asarray(module.kernel[...]), np.asarray(module.scale[...], np.float32), bias,
-                                    rows)
-        return self.linear(x, module.kernel[...], bias, rows=rows)
+        """An nnx.Linear (or a bias-free projection) or an Int8Linear applied to x (see `_int8_layer`)."""
+        return self.dense_all(x, [module], rows)[0]
 
     def dense_all(self, x: str, modules, rows: str | None = None) -> list[str]:
-        """`dense(x, m)` for each of `modules` (the query, key and value projections of one input).
-        In ort-int8, when all of them are int8 layers, x is quantised once for all of them
-        (`int8_products`): each output is computed as alone, bit for bit, with fewer operations."""
-        if self.mode != "ort-int8":
-            return [self.dense(x, m, rows) for m in modules]
-        layers = []
-        for m in modules:
-            bias = None if m.bias is None else np.asarray(m.bias[...], np.float32)
-            if isinstance(m, Int8Linear):
-                layers.append((np.asarray(m.kernel[...]), np.asarray(m.scale[...], np.float32), bias))
-            elif hasattr(m, "kernel") and m.kernel[...].ndim == 2 and m.kernel[...].size >= MIN_WEIGHTS:
-                layers.append((*quantize_weights(np.asarray(m.kernel[...], np.float32)), bias))
-            else:
-                return [self.dense(x, m, rows) for m in modules]
-        return self.int8_products(x, layers, rows)
+        """`dense(x, m)` for each of `modules` (e.g. the query, key and value projections of one
+        input).  When all of them run in int8, x is quantised once for all of them (`int8_products`):
+        each output is computed as alone, bit for bit, with fewer operations."""
+        layers = [self._int8_layer(m) for m in modules]
+        if all(layer is not None for layer in layers):
+            return self.int8_products(x, layers, rows)
+        return [self.linear(x, m.kernel[...], m.bias[...] if m.bias is not None else None, low_precision=False)
+                if layer is None else self.int8_products(x, [layer], rows)[0] for m, layer in zip(modules, layers)]
 
     def layer_norm(self, x: str, module) -> str:
         n = module.num_features
