@@ -78,7 +78,7 @@ class KoCLIP(nnx.Module):
         """
         if isinstance(pixel_values, jax.core.Tracer):
             return l2_normalize(self.image_features(pixel_values).astype(jnp.float32))
-        served = _SERVED.get(self, {}).get("image")
+        served = self.served_by("image")
         if served is not None:
             return served(pixel_values)
         return _bucketed(_encode_image_jit, self, pixel_values)
@@ -87,7 +87,7 @@ class KoCLIP(nnx.Module):
         """(n, L) token ids and mask -> (n, projection_dim) L2-normalised embeddings."""
         if isinstance(input_ids, jax.core.Tracer):
             return l2_normalize(self.text_features(input_ids, attention_mask).astype(jnp.float32))
-        served = _SERVED.get(self, {}).get("text")
+        served = self.served_by("text")
         if served is not None:
             return served(input_ids, attention_mask)
         return _bucketed(_encode_text_jit, self, input_ids, attention_mask)
