@@ -26,9 +26,10 @@ contexts have closed and --settle seconds passed), and its peak during the round
 used in each round are given for the server and for the browser (Chromium and Playwright's
 driver), which share the machine's cores: on a small machine the browser's share bounds what
 the latencies can show of the server.  They are also split by page, per session: the sessions
-start each page together, so the counters read at those moments divide the round by page.  --browser-nice N runs the browsers at a lower priority:
-the server gets the cores first, as if the browsers were on the users' own machines, and the
-browsers' rendering still counts in every latency (a result is timed when it is shown).
+start each page together, so the counters read at those moments divide the round by page.
+--browser-nice N runs the browsers at a lower priority: the server gets the cores first, as if
+the browsers were on the users' own machines, and the browsers' rendering still counts in every
+latency (a result is timed when it is shown).
 
 Targets: 0 errors; warm p95 of image to text's result at N=8 <= 4x its warm p50 at N=1; for each N,
 RSS after the last round within --rss-allowance MB of RSS after the middle round (round R//2 + 1
@@ -411,10 +412,12 @@ async def run_round(browser, server: Server, n: int, number: int, timeout_s: flo
             rnd.rss_peak = max(rnd.rss_peak, server.rss_mb())
             await asyncio.sleep(0.25)
 
+    def counters():
+        return server.cpu_s(), browser_cpu_s(server)
+
     sampler = asyncio.create_task(sample_rss())
     t = time.perf_counter()
     try:
-        counters = lambda: (server.cpu_s(), browser_cpu_s(server))  # noqa: E731
         jobs = [session(browser, server.url, workload(n, number, s), barrier, timeout_s * 1e3, rnd, counters)
                 for s in range(n)]
         # Every wait inside has its own timeout; this one bounds the round as a whole.
@@ -425,7 +428,7 @@ async def run_round(browser, server: Server, n: int, number: int, timeout_s: flo
                 rnd.visits.append(Visit("session", error=f"{type(r).__name__}: {str(r)[:300]}"))
     finally:
         rnd.seconds = time.perf_counter() - t
-        rnd.marks.append((server.cpu_s(), browser_cpu_s(server)))
+        rnd.marks.append(counters())
         done.set()
         await sampler
     await asyncio.sleep(settle_s)

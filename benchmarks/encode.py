@@ -33,8 +33,8 @@ is timed while another runtime's threads still spin), and the table shows the be
 disturbed) with the median beside it; ratios compare best rounds.  It also shows process CPU
 seconds per call, and ratios by them: wall ratios on a busy machine also measure how each
 runtime's threads cope when another job takes a core, while CPU seconds (the work done) move
-much less with the load.  The last
-lines say, per tower, koclip's default against the best peer at each batch.
+much less with the load.  The last lines say, per tower, koclip's default against the best peer
+at each batch.
 
 Threads: PyTorch runs with torch.set_num_threads(os.cpu_count()) and with one thread (its per-op
 thread hand-offs stall when other jobs hold the cores); ONNX Runtime with os.cpu_count() intra-op
@@ -454,7 +454,9 @@ def measure(arch: str, model, args, peaks: dict, workdir: Path) -> list[dict]:
         ort_models = {}
         if ort_modes and onnx_runtime.available() and onnx_runtime.exportable(config, kind):
             ort_models = {m: onnx_runtime.attach(quantize(model, "fp32"), kind, m) for m in ort_modes}
-        torch_models = {f"torch {n}": factory(d) for n, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        # Without torch among the peers, only its fp32 encoder is built: the one the others export.
+        precisions = (("fp32", torch.float32),) + ((("bf16", torch.bfloat16),) if args.race_torch else ())
+        torch_models = {f"torch {n}": factory(d) for n, d in precisions}
         s = config.vision.image_size
         example = ({"pixel_values": np.zeros((1, 3, s, s), np.float32)} if kind == "image" else
                    {"input_ids": np.zeros((1, args.text_len), np.int64),
@@ -480,7 +482,7 @@ def measure(arch: str, model, args, peaks: dict, workdir: Path) -> list[dict]:
                 sides[f"koclip {name}"] = call
             tp = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
             ti, tm = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
-            for name, enc in (torch_models if args.race_torch else {}).items():
+            for name, enc in (torch_models.items() if args.race_torch else ()):
                 if kind == "image":
                     sides[name] = (lambda enc: lambda: enc(pixel_values=tp))(enc)
                 else:
