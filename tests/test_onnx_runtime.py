@@ -27,7 +27,7 @@ from koclip.config import TINY, VisionConfig  # noqa: E402
 from koclip.errors import ConfigError, KoclipError  # noqa: E402
 from koclip.quantize import quantize, quantize_weights  # noqa: E402
 from numerics import U32, reduction_rtol  # noqa: E402
-from test_quantize import agreement  # noqa: E402 - the gates' zero-shot agreement, as test_quantize defines it
+from test_quantize import agreement, rows_cosine  # noqa: E402 - the gates' figures, as test_quantize defines them
 
 PARITY = Path(__file__).resolve().parent / "fixtures" / "parity"
 COSINE_GATE = 0.995
@@ -80,11 +80,6 @@ def own_cache(tmp_path, monkeypatch):
 def tokens(processor):
     """Korean and English prompts, padded to one length bucket: rows of many lengths."""
     return processor(text=koclip.apply_template(KO) + koclip.apply_template(EN, "a photo of a {}."))
-
-
-def rows_cosine(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 # ---------------------------------------------------------------- parity
