@@ -243,11 +243,13 @@ def test_on_koclip_minis_real_text_tower_ort_int8_scores_the_gates_as_koclips_in
     lands one step away, the step moves the next layer's inputs, and the difference grows from layer
     to layer.  On koclip-mini's text tower a row comes out either identical to koclip's int8 or about
     as far from it (cosine ~0.996, measured) as int8 is from float32, so the two are two draws of the
-    same rounding noise.  What holds, and is checked: the real session's smallest cosine to float32 is
-    int8's to a tenth of the gate's margin, and its zero-shot agreement is int8's to two images (an
-    image whose two best labels are close may swap in one draw and not in the other: one of 34 did
-    in one measurement, none in another).  koclip-mini's text tower fails the cosine gate either way
-    (0.9936); fp32's export passes."""
+    same rounding noise.  Which rows diverge depends on the CPU's float rounding, so what is checked is
+    what holds for any second draw: the real session's smallest cosine to float32 is int8's within
+    int8's own distance from float32 (a draw of noise of one size cannot move it by more), and its
+    zero-shot agreement is int8's to two images (an image whose two best labels are close may swap in
+    one draw and not in the other: one of 34 did in one measurement, none in another).  A broken
+    graph lands far outside both.  koclip-mini's text tower fails the cosine gate either way (0.9936,
+    measured on Zen 4); fp32's export passes."""
     gates = autotune._Gates(mini[0])
     assert gates.check("text", "ort-fp32"), gates.quality
     int8 = gates.check("text", "int8")
@@ -256,7 +258,8 @@ def test_on_koclip_minis_real_text_tower_ort_int8_scores_the_gates_as_koclips_in
     real = np.asarray(onnx_runtime.session(mini[0], "text", "ort-int8")(ids, mask))
     ref = gates.ref()
     cosine = float(rows_cosine(real, ref["text"]).min())
-    assert abs(cosine - gates.quality["text"]["int8"]["cosine"]) <= (1 - COSINE_GATE) / 10
+    int8_cosine = gates.quality["text"]["int8"]["cosine"]
+    assert abs(cosine - int8_cosine) <= 1 - int8_cosine
     s0 = ref["image"] @ ref["text"].T
     top2 = np.sort(s0, axis=-1)[:, -2:]
     one_image = 1 / int(np.sum(top2[:, 1] - top2[:, 0] >= autotune.TIE))
