@@ -253,12 +253,36 @@ class _Graph:
             return self.op("Relu", x)
         raise KoclipError(f"no ONNX export for activation {name!r}; valid: gelu, gelu_new, quick_gelu, relu")
 
-    def attention(self, q: str, k: str, v: str, bias: str | None, num_heads: int, hidden: int, tokens: str) -> str:
-        """koclip.towers.layers.attention: q, k, v (batch * seq, hidden), `tokens` the int64 shape
-        [batch, seq], an additive bias broadcastable to (batch, heads, seq, seq) -> (batch * seq, hidden)."""
+    def self_attention(self, y: str, x: str, modules, bias: str | None, num_heads: int, hidden: int, tokens: str,
+                       rows: str | None, first_only: bool = False) -> tuple[str, str, str | None]:
+        """Multi-head self-attention of a layer's input y (batch * seq, hidden) through its (query, key,
+        value) `modules`, beside the residual stream x (y itself in a post-norm layer) -> (attention
+        output, x, the zero points of their rows).
+
+        `first_only`, for the last layer of a tower that pools its first token: only position 0 asks a
+        query, keys and values still come from every token, and the rest of the layer runs on those
+        rows alone, (batch, hidden).  Each row is what the whole layer gives it (quantisation is per
+        row: the same codes), with ten twelfths of the layer's products left out for all other tokens."""
+        if not first_only:
+            return self.attention(*self.dense_all(y, modules, rows), bias, num_heads, hidden, tokens), x, rows
+        k, v = self.dense_all(y, modules[1:], rows)
+        y0 = self.first_token(y, tokens, hidden)
+        first_rows = self.token_rows(y0)
+        batch = self.op("Slice", tokens, self.const(np.array([0], np.int64)), self.const(np.array([1], np.int64)))
+        queries = self.op("Concat", batch, self.const(np.array([1], np.int64)), axis=0)
+        a = self.attention(self.dense(y0, modules[0], first_rows), k, v, bias, num_heads, hidden, tokens, queries)
+        return a, y0 if x == y else self.first_token(x, tokens, hidden), first_rows
+
+    def attention(self, q: str, k: str, v: str, bias: str | None, num_heads: int, hidden: int, tokens: str,
+                  queries: str | None = None) -> str:
+        """koclip.towers.layers.attention: q (batch * seq_q, hidden), k, v (batch * seq, hidden), `tokens`
+        the int64 shape [batch, seq] and `queries` [batch, seq_q] (default `tokens`), an additive bias
+        broadcastable to (batch, heads, seq_q, seq) -> (batch * seq_q, hidden)."""
         d = hidden // num_heads
-        heads = self.op("Concat", tokens, self.const(np.array([num_heads, d], np.int64), "heads"), axis=0)
-        qh = self.op("Transpose", self.op("Reshape", q, heads), perm=[0, 2, 1, 3])
+        head_dims = self.const(np.array([num_heads, d], np.int64), "heads")
+        heads = self.op("Concat", tokens, head_dims, axis=0)
+        q_heads = heads if queries is None else self.op("Concat", queries, head_dims, axis=0)
+        qh = self.op("Transpose", self.op("Reshape", q, q_heads), perm=[0, 2, 1, 3])
         kh = self.op("Transpose", self.op("Reshape", k, heads), perm=[0, 2, 3, 1])
         vh = self.op("Transpose", self.op("Reshape", v, heads), perm=[0, 2, 1, 3])
         w = self.op("Div", self.op("MatMul", qh, kh), self.const(np.sqrt(np.float32(d)).astype(np.float32)))
@@ -344,28 +368,27 @@ def _image_graph(model: KoCLIP, g: _Graph):
     rows = g.token_rows(x)
     if cfg.kind == "clip":
         x = g.layer_norm(x, tower.pre_layrnorm)
-        for layer in tower.encoder.layers:
+        for i, layer in enumerate(tower.encoder.layers):
             a = layer.self_attn
-            y = g.layer_norm(x, layer.layer_norm1)
-            y = g.attention(*g.dense_all(y, (a.q_proj, a.k_proj, a.v_proj), rows), None, a.num_heads, hdim, tokens)
+            y, x, rows = g.self_attention(g.layer_norm(x, layer.layer_norm1), x, (a.q_proj, a.k_proj, a.v_proj), None,
+                                          a.num_heads, hdim, tokens, rows, first_only=i == len(tower.encoder.layers) - 1)
             x = g.op("Add", x, g.dense(y, a.out_proj, rows))
             y = g.layer_norm(x, layer.layer_norm2)
             y = g.dense(g.activation(g.dense(y, layer.mlp.fc1, rows), cfg.hidden_act), layer.mlp.fc2, rows)
             x = g.op("Add", x, y)
-        pooled = g.layer_norm(g.first_token(x, tokens, hdim), tower.post_layernorm)
+        pooled = g.layer_norm(x, tower.post_layernorm)  # the class token's row: the last layer computed no other
     else:
-        for layer in tower.encoder.layer:
+        for i, layer in enumerate(tower.encoder.layer):
             a = layer.attention.attention
-            y = g.layer_norm(x, layer.layernorm_before)
-            y = g.attention(*g.dense_all(y, (a.query, a.key, a.value), rows), None, a.num_heads, hdim, tokens)
+            y, x, rows = g.self_attention(g.layer_norm(x, layer.layernorm_before), x, (a.query, a.key, a.value), None,
+                                          a.num_heads, hdim, tokens, rows, first_only=i == len(tower.encoder.layer) - 1)
             x = g.op("Add", x, g.dense(y, layer.attention.output.dense, rows))
             y = g.layer_norm(x, layer.layernorm_after)
             y = g.dense(g.activation(g.dense(y, layer.intermediate.dense, rows), cfg.hidden_act), layer.output.dense,
                         rows)
             x = g.op("Add", x, y)
-        # The final LayerNorm is per token: only the pooled one is needed.
-        pooled = g.op("Tanh", g.dense(g.layer_norm(g.first_token(x, tokens, hdim), tower.layernorm),
-                                      tower.pooler.dense))
+        # The class token's row (the last layer computed no other), through the final LayerNorm and the pooler.
+        pooled = g.op("Tanh", g.dense(g.layer_norm(x, tower.layernorm), tower.pooler.dense))
     z = g.project_and_normalise(pooled, model.visual_projection)
     return g.model(inputs, z, model.config.projection_dim, "koclip_image")
 
@@ -397,15 +420,17 @@ def _text_graph(model: KoCLIP, g: _Graph):
     keep = g.op("Greater", g.op("Unsqueeze", "attention_mask", g.const(np.array([1, 2], np.int64))),
                 g.const(np.array(0, np.int32)))
     bias = g.op("Where", keep, g.const(np.array(0.0, np.float32)), g.const(np.array(np.finfo(np.float32).min)))
-    for layer in tower.encoder.layer:
+    first_pooled = cfg.pooling in ("pooler", "cls")
+    for i, layer in enumerate(tower.encoder.layer):
         a = layer.attention.self
-        y = g.attention(*g.dense_all(x, (a.query, a.key, a.value), rows), bias, a.num_heads, hdim, tokens)
+        last = first_pooled and i == len(tower.encoder.layer) - 1
+        y, x, rows = g.self_attention(x, x, (a.query, a.key, a.value), bias, a.num_heads, hdim, tokens, rows, last)
         out = layer.attention.output
         x = g.layer_norm(g.op("Add", g.dense(y, out.dense, rows), x), out.LayerNorm)
         y = g.activation(g.dense(x, layer.intermediate.dense, rows), cfg.hidden_act)
         x = g.layer_norm(g.op("Add", g.dense(y, layer.output.dense, rows), x), layer.output.LayerNorm)
-    if cfg.pooling == "pooler":
-        pooled = g.op("Tanh", g.dense(g.first_token(x, tokens, hdim), tower.pooler.dense))
+    if cfg.pooling == "pooler":  # x holds the first token's rows alone (first_pooled)
+        pooled = g.op("Tanh", g.dense(x, tower.pooler.dense))
     elif cfg.pooling == "mean":
         m = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=T.FLOAT), g.const(np.array([2], np.int64)))
         total = g.op("ReduceSum", g.op("Mul", g.unflatten(x, tokens, hdim), m), g.const(np.array([1], np.int64)),
@@ -413,8 +438,8 @@ def _text_graph(model: KoCLIP, g: _Graph):
         count = g.op("Max", g.op("ReduceSum", m, g.const(np.array([1], np.int64)), keepdims=0),
                      g.const(np.array(1.0, np.float32)))
         pooled = g.op("Div", total, count)
-    else:
-        pooled = g.first_token(x, tokens, hdim)
+    else:  # "cls": x holds the first token's rows alone (first_pooled)
+        pooled = x
     z = g.project_and_normalise(pooled, model.text_projection)
     return g.model(inputs, z, model.config.projection_dim, "koclip_text")
 
