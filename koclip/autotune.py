@@ -9,8 +9,9 @@ Measuring, per tower (image, text), over the candidates fp32, bf16 and int8 (`ko
 where onnxruntime is installed and the tower can be exported, ort-fp32 and ort-int8 (the tower exported
 to ONNX and run by ONNX Runtime: `koclip.onnx_runtime`):
 
-  speed    a copy of the model cut to `TIMING_LAYERS` transformer layers (sharing the float32
-           arrays; EfficientNet cannot be cut and runs whole) is quantised in each candidate and
+  speed    a copy of the model cut to `TIMING_LAYERS` transformer layers and to the first
+           `TIMING_VOCAB` rows of its word-embedding table (sharing the float32 arrays;
+           EfficientNet cannot be cut and runs whole) is quantised in each candidate and
            timed through `encode_image` / `encode_text`, the path the app serves, at batch 1 and
            at `THROUGHPUT_BATCH` (the model's image size; `TEXT_LENGTH` tokens, or the fixed
            length of a model that pads every text to it), the candidates
@@ -70,6 +71,7 @@ import numpy as np
 from flax import nnx
 
 from koclip import data, onnx_runtime
+from koclip import compile_cache
 from koclip.compile_cache import model_jit
 from koclip.errors import ConfigError
 from koclip.files import atomic_write_text, cache_root
@@ -105,6 +107,10 @@ MIN_TOWER_WEIGHTS = 1_000_000
 # A lower precision must be this much faster than fp32 (score <= 1 - MIN_GAIN) to be worth its rounding.
 MIN_GAIN = 0.05
 TIMING_LAYERS = 2
+# Rows of the word-embedding table the timing copy keeps: a text looks up its few rows at the same cost
+# in any table, and the ONNX Runtime candidates' sessions each hold a copy of it (koclip-base's whole
+# table is 131 MB, two layers of roberta-large 100 MB in float32).
+TIMING_VOCAB = 1024
 THROUGHPUT_BATCH = 8
 TEXT_LENGTH = 16
 N_LABELS = 16
@@ -280,11 +286,20 @@ def measure(model: KoCLIP, *, timer: Timer | None = None) -> Plan:
             if gates.check(tower, mode):
                 choice[tower] = mode
                 break
+        _release_compiled()
     # Each tower kept the gates against the other's float32 embeddings; check the pair as well.
     if "fp32" not in choice.values() and not gates.pair(choice["image"], choice["text"]):
         weaker = max(TOWERS, key=lambda t: _score(timings[t], choice[t]))
         choice[weaker] = "fp32"
     return Plan(choice["image"], choice["text"], "measured", time.perf_counter() - t0, timings, gates.quality)
+
+
+def _release_compiled() -> None:
+    """Frees what a tower's measurement compiled (its candidates on the timing copy, the gates' programs
+    on the whole model; none is used again) before the next tower's: the first load of koclip-base
+    peaked at 1.32x its checkpoint instead of 1.40x (benchmarks/load_memory.py, Zen 4).  Other programs of the process compile again."""
+    compile_cache.clear()
+    trim_heap()
 
 
 def _score(times: dict, mode: str) -> float | None:
@@ -362,21 +377,28 @@ def _run_text(model, ids, mask):
     return np.asarray(model.encode_text(ids, mask))
 
 
-def timing_copy(model: KoCLIP, layers: int = TIMING_LAYERS) -> KoCLIP:
-    """`model` cut to its first `layers` transformer layers per tower, sharing its arrays (no copy).
+def timing_copy(model: KoCLIP, layers: int = TIMING_LAYERS, vocab: int = TIMING_VOCAB) -> KoCLIP:
+    """`model` cut to its first `layers` transformer layers per tower and to the first `vocab` rows of
+    its word-embedding table (its config's vocab_size; never below the padding id's row), sharing its
+    arrays (no copy but the table's rows kept).
 
     Candidates are timed on this copy: the layers are all alike, so their ranking is the whole
     tower's, at a fraction of the compile and run time and of the memory a quantised copy costs.
     """
     cfg = model.config
-    text = dataclasses.replace(cfg.text, num_hidden_layers=min(layers, cfg.text.num_hidden_layers))
+    text = dataclasses.replace(cfg.text, num_hidden_layers=min(layers, cfg.text.num_hidden_layers),
+                               vocab_size=min(cfg.text.vocab_size, max(vocab, cfg.text.pad_token_id + 2)))
     vision = cfg.vision
     if vision.kind != "efficientnet":
         vision = dataclasses.replace(vision, num_hidden_layers=min(layers, vision.num_hidden_layers))
     short = nnx.eval_shape(lambda: KoCLIP(cfg.replace(text=text, vision=vision), rngs=nnx.Rngs(0)))
     values = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
-    nnx.update(short, nnx.from_flat_state([(path, var.replace(values[path]))
-                                           for path, var in nnx.to_flat_state(nnx.state(short))]))
+
+    def kept(path, var):
+        value, shape = values[path], var.get_value().shape
+        return var.replace(value if value.shape == shape else value[:shape[0]])  # the word table, cut
+
+    nnx.update(short, nnx.from_flat_state([(path, kept(path, var)) for path, var in nnx.to_flat_state(nnx.state(short))]))
     return short
 
 

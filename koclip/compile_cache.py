@@ -109,6 +109,18 @@ def _split(model: nnx.Module) -> _Split:
         return s
 
 
+def clear() -> None:
+    """Drops every program compiled in this process from memory: `model_jit`'s and JAX's own caches
+    (`jax.clear_caches`).  Each function compiles again at its next call, from the persistent cache
+    where `enable` is on.  For a burst of compiles never needed again (`koclip.autotune.measure`
+    compiles each candidate precision on the timing copy and on the quality gates' inputs)."""
+    with _lock:
+        _compiled.cache_clear()
+        for split in list(_splits.values()):
+            split.compiled.clear()
+    jax.clear_caches()
+
+
 def forget(model: nnx.Module) -> None:
     """Drops `model`'s split, so the next call sees its current structure (after in-place surgery)."""
     with _lock:

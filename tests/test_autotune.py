@@ -186,7 +186,20 @@ def test_timing_copy_keeps_few_layers_and_shares_the_arrays(model):
     assert len(short.vision_model.encoder.layers) == 1 and len(short.text_model.encoder.layer) == 1
     assert short.vision_model.encoder.layers[0].mlp.fc1.kernel[...] is model.vision_model.encoder.layers[0].mlp.fc1.kernel[...]
     assert short.text_model.embeddings.word_embeddings.embedding[...] is \
-        model.text_model.embeddings.word_embeddings.embedding[...]
+        model.text_model.embeddings.word_embeddings.embedding[...]  # within TIMING_VOCAB rows: as it is
+
+
+def test_timing_copy_keeps_the_first_rows_of_a_large_word_table(model):
+    table = np.asarray(model.text_model.embeddings.word_embeddings.embedding[...])
+    short = autotune.timing_copy(model, layers=1, vocab=10)
+    assert short.config.text.vocab_size == 10
+    np.testing.assert_array_equal(np.asarray(short.text_model.embeddings.word_embeddings.embedding[...]), table[:10])
+    ids, mask = autotune.synthetic_tokens(short.config.text, 3, full=True)
+    assert ids.max() < 10
+    # What a text looks up is what the whole model looks up: the same first-layer embeddings.
+    np.testing.assert_array_equal(np.asarray(short.text_features(ids, mask)),
+                                  np.asarray(autotune.timing_copy(model, layers=1, vocab=10**9).text_features(ids, mask)))
+    assert autotune.timing_copy(model, vocab=0).config.text.vocab_size == model.config.text.pad_token_id + 2
 
 
 def test_synthetic_tokens_avoid_padding_inside_and_pad_after():

@@ -396,3 +396,21 @@ def test_cache_dir_follows_koclip_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("KOCLIP_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert compile_cache.default_dir() == tmp_path / "xdg" / "koclip" / "jax"
+
+
+def test_clear_drops_model_jits_programs_and_the_next_call_compiles_again(tiny):
+    calls = []
+
+    @compile_cache.model_jit
+    def embed(model, ids, mask):
+        calls.append(1)  # once per trace: a compile
+        return model.text_features(ids, mask)
+
+    ids, mask = np.full((2, 5), 4, np.int32), np.ones((2, 5), np.int32)
+    want = np.asarray(embed(tiny, ids, mask))
+    embed(tiny, ids, mask)
+    assert len(calls) == 1
+    compile_cache.clear()
+    assert compile_cache._compiled.cache_info().currsize == 0 and not compile_cache._split(tiny).compiled
+    np.testing.assert_array_equal(np.asarray(embed(tiny, ids, mask)), want)
+    assert len(calls) == 2
