@@ -297,7 +297,8 @@ def measure(model: KoCLIP, *, timer: Timer | None = None) -> Plan:
 def _release_compiled() -> None:
     """Frees what a tower's measurement compiled (its candidates on the timing copy, the gates' programs
     on the whole model; none is used again) before the next tower's: the first load of koclip-base
-    peaked at 1.32x its checkpoint instead of 1.40x (benchmarks/load_memory.py, Zen 4).  Other programs of the process compile again."""
+    peaked at 1.32x its checkpoint instead of 1.40x (benchmarks/load_memory.py, Zen 4).  Other
+    programs of the process compile again."""
     compile_cache.clear()
     trim_heap()
 
@@ -400,7 +401,8 @@ def timing_copy(model: KoCLIP, layers: int = TIMING_LAYERS, vocab: int = TIMING_
         value, shape = values[path], var.get_value().shape
         return var.replace(value if value.shape == shape else value[:shape[0]])  # the word table, cut
 
-    nnx.update(short, nnx.from_flat_state([(path, kept(path, var)) for path, var in nnx.to_flat_state(nnx.state(short))]))
+    flat = nnx.to_flat_state(nnx.state(short))
+    nnx.update(short, nnx.from_flat_state([(path, kept(path, var)) for path, var in flat]))
     return short
 
 

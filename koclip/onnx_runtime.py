@@ -368,20 +368,22 @@ def _image_graph(model: KoCLIP, g: _Graph):
     rows = g.token_rows(x)
     if cfg.kind == "clip":
         x = g.layer_norm(x, tower.pre_layrnorm)
-        for i, layer in enumerate(tower.encoder.layers):
+        layers = tower.encoder.layers
+        for i, layer in enumerate(layers):
             a = layer.self_attn
             y, x, rows = g.self_attention(g.layer_norm(x, layer.layer_norm1), x, (a.q_proj, a.k_proj, a.v_proj), None,
-                                          a.num_heads, hdim, tokens, rows, first_only=i == len(tower.encoder.layers) - 1)
+                                          a.num_heads, hdim, tokens, rows, first_only=i == len(layers) - 1)
             x = g.op("Add", x, g.dense(y, a.out_proj, rows))
             y = g.layer_norm(x, layer.layer_norm2)
             y = g.dense(g.activation(g.dense(y, layer.mlp.fc1, rows), cfg.hidden_act), layer.mlp.fc2, rows)
             x = g.op("Add", x, y)
         pooled = g.layer_norm(x, tower.post_layernorm)  # the class token's row: the last layer computed no other
     else:
-        for i, layer in enumerate(tower.encoder.layer):
+        layers = tower.encoder.layer
+        for i, layer in enumerate(layers):
             a = layer.attention.attention
             y, x, rows = g.self_attention(g.layer_norm(x, layer.layernorm_before), x, (a.query, a.key, a.value), None,
-                                          a.num_heads, hdim, tokens, rows, first_only=i == len(tower.encoder.layer) - 1)
+                                          a.num_heads, hdim, tokens, rows, first_only=i == len(layers) - 1)
             x = g.op("Add", x, g.dense(y, layer.attention.output.dense, rows))
             y = g.layer_norm(x, layer.layernorm_after)
             y = g.dense(g.activation(g.dense(y, layer.intermediate.dense, rows), cfg.hidden_act), layer.output.dense,
