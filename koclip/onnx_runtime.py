@@ -200,9 +200,9 @@ class _Graph:
         round(x / s) + 128 as uint8 (QuantizeLinear, one pass, zero point 128: ONNX Runtime's u8 x s8
         kernels; its s8 x s8 MatMulInteger was 17x slower here), the (rows, 1) scales as one block
         per row (`block_size` k: half the time of a per-axis scale over axis 0 at 512 rows, and no
-        reshape).  |x / s| <= 127 up to a rounding, so
-        no code saturates.  MatMulIntegerToFloat rescales the product by the column scales inside the
-        matmul, then by the row scales (a (rows, 1) activation scale), in one pass: (acc * scale) * s.
+        reshape).  |x / s| <= 127 up to a rounding, so no code saturates.  MatMulIntegerToFloat
+        rescales the product by the column scales inside the matmul, then by the row scales (a (rows,
+        1) activation scale), in one pass: (acc * scale) * s.
 
         koclip's int8 (`koclip.quantize.quantize_rows`) rounds x * (1 / s): the same code except
         where the two roundings fall on either side of a half, one activation in about a million
@@ -262,7 +262,8 @@ class _Graph:
         `first_only`, for the last layer of a tower that pools its first token: only position 0 asks a
         query, keys and values still come from every token, and the rest of the layer runs on those
         rows alone, (batch, hidden).  Each row is what the whole layer gives it (quantisation is per
-        row: the same codes), with ten twelfths of the layer's products left out for all other tokens."""
+        row: the same codes); for every other token the query, output and MLP products are left out
+        (ten twelfths of a layer's, with an MLP four times the hidden size)."""
         if not first_only:
             return self.attention(*self.dense_all(y, modules, rows), bias, num_heads, hidden, tokens), x, rows
         k, v = self.dense_all(y, modules[1:], rows)
