@@ -70,8 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from koclip import data, onnx_runtime
-from koclip import compile_cache
+from koclip import compile_cache, data, onnx_runtime
 from koclip.compile_cache import model_jit
 from koclip.errors import ConfigError
 from koclip.files import atomic_write_text, cache_root
@@ -286,7 +285,7 @@ def measure(model: KoCLIP, *, timer: Timer | None = None) -> Plan:
             if gates.check(tower, mode):
                 choice[tower] = mode
                 break
-        if timer is None:  # (an injected timer compiles no candidate; the tests' later programs stay)
+        if timer is None:  # it compiled the candidates (an injected timer compiles none)
             _release_compiled()
     # Each tower kept the gates against the other's float32 embeddings; check the pair as well.
     if "fp32" not in choice.values() and not gates.pair(choice["image"], choice["text"]):
