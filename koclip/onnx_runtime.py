@@ -179,8 +179,11 @@ class _Graph:
         """The activation zero points (128 as uint8) of `int8_products`, (rows, 1) for x (rows, k):
         made once for all the layers of a tower that see the same rows (QuantizeLinear takes one
         zero point per scale)."""
-        rows = self.op("Concat", self.op("Shape", x, end=1), self.const(np.array([1], np.int64)), axis=0)
-        return self.op("Expand", self.zero_point, rows)
+        return self.op("Expand", self.zero_point, self.rows_by_one(x))
+
+    def rows_by_one(self, x: str) -> str:
+        """The int64 shape [rows, 1] of x (rows, ...)."""
+        return self.op("Concat", self.op("Shape", x, end=1), self.const(np.array([1], np.int64)), axis=0)
 
     @functools.cached_property
     def last_axis(self) -> str:
@@ -269,8 +272,7 @@ class _Graph:
         k, v = self.dense_all(y, modules[1:], rows)
         y0 = self.first_token(y, tokens, hidden)
         first_rows = self.token_rows(y0)
-        batch = self.op("Slice", tokens, self.const(np.array([0], np.int64)), self.const(np.array([1], np.int64)))
-        queries = self.op("Concat", batch, self.const(np.array([1], np.int64)), axis=0)
+        queries = self.rows_by_one(y0)  # [batch, 1]: one query per sequence
         a = self.attention(self.dense(y0, modules[0], first_rows), k, v, bias, num_heads, hidden, tokens, queries)
         return a, y0 if x == y else self.first_token(x, tokens, hidden), first_rows
 
